@@ -1,0 +1,1 @@
+"""Model plumbing: loading, generic discovery of decoder and linear layers."""

@@ -1,0 +1,133 @@
+"""Load a Hugging Face causal LM from a Hub id, a local directory or a .gguf file."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmquant.errors import InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str            # "gguf" | "dir" | "hub"
+    path: str            # the directory (gguf: its folder) or the Hub id
+    gguf_file: str | None = None
+
+    @property
+    def display(self) -> str:
+        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
+
+
+def resolve_source(model: str) -> ModelSource:
+    """Classify ``--model``; a path that does not exist is an error, not a Hub lookup."""
+    p = Path(model).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise InputError(f"--model {model}: a file must be a .gguf; pass a model directory, a .gguf file or a Hub id")
+        return ModelSource("gguf", str(p.parent.resolve()), p.name)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise InputError(f"--model {model}: directory has no config.json, so it is not a Hugging Face model; "
+                             "pass a directory written by save_pretrained, a .gguf file or a Hub id")
+        return ModelSource("dir", str(p.resolve()))
+    looks_like_path = (model.startswith((".", "/", "~")) or model.lower().endswith(".gguf")
+                       or model.count("/") > 1 or os.sep + os.sep in model)
+    if looks_like_path:
+        raise InputError(f"--model {model}: no such file or directory; check the path")
+    return ModelSource("hub", model)
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto``: bfloat16 where the device computes it fast (CUDA, CPUs with AVX512-BF16/AMX),
+    float32 otherwise."""
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype != "auto":
+        raise InputError(f"--dtype {dtype}: unknown; use auto, float32, bfloat16 or float16")
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA was requested but no CUDA device is available; use --device cpu or auto")
+        return device
+    if device == "cpu":
+        return device
+    raise InputError(f"--device {device}: unknown; use auto, cpu or cuda")
+
+
+def _hub_kwargs(source: ModelSource, trust_remote_code: bool) -> dict:
+    kw: dict = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        kw["gguf_file"] = source.gguf_file
+    if source.kind == "hub" and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        kw["local_files_only"] = True
+    return kw
+
+
+def load_config(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(source.path, **_hub_kwargs(source, trust_remote_code))
+    except (OSError, ValueError) as e:
+        if source.kind == "hub":
+            raise InputError(f"--model {source.path}: not a local path and not found in the Hugging Face cache "
+                             f"({_first_line(e)}); download it first or pass a local directory") from None
+        raise InputError(f"--model {source.display}: cannot read its config ({_first_line(e)})") from None
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **_hub_kwargs(source, trust_remote_code))
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"--model {source.display}: cannot load its tokenizer ({_first_line(e)}); "
+                         "the model directory needs tokenizer files") from None
+
+
+def load_causal_lm(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The dense model on CPU in ``dtype``, eval mode, KV cache off. GGUF weights are dequantized."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = load_config(source, trust_remote_code)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise InputError(f"--model {source.display}: model type '{config.model_type}' is not a causal language model; "
+                         "llmquant quantizes AutoModelForCausalLM models")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, low_cpu_mem_usage=True, **_hub_kwargs(source, trust_remote_code))
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"--model {source.display}: cannot load the weights ({_first_line(e)})") from None
+    if source.kind == "gguf":
+        # The GGUF weights were dequantized: the model is dense now; forget the gguf marker.
+        for attr in ("quantization_config",):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+        model.hf_quantizer = None if hasattr(model, "hf_quantizer") else None
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else type(e).__name__
