@@ -1,0 +1,247 @@
+"""GPTQ (Frantar et al., 2022): OBS-style column-by-column quantization with lazy batch updates.
+
+For a linear layer ``W [N, K]`` seeing inputs ``X [K, n]`` GPTQ minimizes ``||WX - QX||^2``.
+The layer Hessian is ``H = 2/n * X X^T [K, K]``. Columns are quantized left to right; the
+error of column ``i`` is spread over the columns not yet quantized with the ``i``-th row of the
+upper Cholesky factor of ``H^-1``::
+
+    err   = (w_i - q_i) / Hinv[i, i]
+    W[:, i:] -= err[:, None] * Hinv[i, i:][None, :]
+
+Lazy batch updates: inside a block of ``B`` columns the update touches only the block (``W1``); the
+accumulated errors ``Err1 [N, B]`` are applied to the columns right of the block in one matmul.
+
+Names follow the paper and its reference code: ``W, H, Hinv, W1, Q1, Err1, Losses``.
+Quantization parameters come from the shared trio in :mod:`llmquant.core.quant`, so RTN and GPTQ
+use exactly the same quantizer.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from llmquant.core.qtensor import QuantizedWeight
+from llmquant.core.quant import block_minmax, choose_qparams, expand, mse_clip_search, qrange, quantize
+
+FP16_TINY = torch.finfo(torch.float16).tiny
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """How one weight matrix is quantized (shared by RTN and GPTQ)."""
+    bits: int = 4
+    group_size: int = 128           # -1: one group per output row
+    sym: bool = False
+    mse: bool = False               # search a clipping ratio per group (MSE, norm 2.4)
+    mse_grid: int = 80
+    mse_max_shrink: float = 0.2
+    fp16_scales: bool = True        # round scales to float16 as they are stored on disk
+
+    @property
+    def qmin_qmax(self) -> tuple[int, int]:
+        return qrange(self.bits)
+
+
+def fit_qparams(w: torch.Tensor, args: QuantArgs, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``(scale, zero)`` per row of ``w [N, k]`` -> two ``[N, 1]``.
+
+    ``weight [k]`` (e.g. ``diag(H)``) weighs the MSE search per column.
+    """
+    qmin, qmax = args.qmin_qmax
+    block = (1, -1)
+    ratio = 1.0
+    if args.mse:
+        ratio = mse_clip_search(w, args.bits, args.sym, block, grid=args.mse_grid,
+                                max_shrink=args.mse_max_shrink,
+                                weight=None if weight is None else weight[None, :])
+    lo, hi = block_minmax(w, block)
+    scale, zero = choose_qparams(lo * ratio, hi * ratio, qmin, qmax, args.sym)
+    if args.fp16_scales:
+        scale = scale.clamp(min=FP16_TINY).half().float()
+    return scale, zero
+
+
+def rtn(W: torch.Tensor, args: QuantArgs, weight: torch.Tensor | None = None) -> tuple[QuantizedWeight, torch.Tensor]:
+    """Round-to-nearest of ``W [N, K]`` with contiguous groups. Returns ``(QuantizedWeight, Q [N, K])``."""
+    W = W.float()
+    N, K = W.shape
+    G = args.group_size if args.group_size > 0 else K
+    qmin, qmax = args.qmin_qmax
+    scales, zeros, qs = [], [], []
+    for g0 in range(0, K, G):
+        w = W[:, g0:g0 + G]
+        s, z = fit_qparams(w, args, None if weight is None else weight[g0:g0 + G])
+        scales.append(s)
+        zeros.append(z)
+        qs.append(quantize(w, s, z, qmin, qmax))
+    q = torch.cat(qs, 1)
+    g_idx = torch.arange(K, device=W.device) // G
+    qw = QuantizedWeight(q.to(torch.int32), torch.cat(scales, 1), torch.cat(zeros, 1).to(torch.int32),
+                         g_idx.to(torch.int32), args.bits, args.group_size, args.sym)
+    return qw, qw.dequantize()
+
+
+@dataclass
+class GPTQResult:
+    qweight: QuantizedWeight
+    Q: torch.Tensor                 # [N, K] dequantized weight in original column order
+    loss: torch.Tensor              # [N] per-row OBS loss  sum_i (w_i - q_i)^2 / Hinv[i,i]^2 / 2
+    damp: float                     # damping actually added (relative to mean(diag H))
+    fallback: str | None = None     # why RTN was used instead, if it was
+    dead: int = 0                   # input columns never active in calibration
+    info: dict = field(default_factory=dict)
+
+
+class GPTQ:
+    """Accumulates the Hessian of one input and quantizes any weight that reads that input.
+
+    Layers sharing an input (q/k/v, gate/up) share one ``GPTQ`` object: one Hessian, one
+    factorisation, and their weights quantized together as one stacked matrix.
+    """
+
+    def __init__(self, columns: int, device: str | torch.device = "cpu"):
+        self.columns = columns
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)   # [K, K]
+        self.nsamples = 0
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """``inp [..., K]``: any leading dims are tokens. Keeps ``H = 2/n * sum x x^T`` (float32)."""
+        x = inp.reshape(-1, inp.shape[-1])                         # [n, K]
+        n = x.shape[0]
+        if n == 0:
+            return
+        x = x.to(self.H.device)
+        if x.dtype != torch.float32:
+            x = x.float()
+        self.H.mul_(self.nsamples / (self.nsamples + n))
+        self.nsamples += n
+        x = x * math.sqrt(2 / self.nsamples)
+        self.H.addmm_(x.t(), x)                                    # [K, n] @ [n, K]
+
+    def quantize(
+        self, W: torch.Tensor, args: QuantArgs, *, blocksize: int = 128, percdamp: float = 0.01,
+        act_order: bool = False, static_groups: bool = False, max_damp_retries: int = 4,
+    ) -> GPTQResult:
+        return gptq_quantize(W, self.H, args, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
+                             static_groups=static_groups, max_damp_retries=max_damp_retries)
+
+
+def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_retries: int = 4) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
+
+    A matrix that is not positive definite after damping gets 10x the damping, up to
+    ``max_retries`` times. Returns ``(Hinv or None, percdamp used)``.
+    """
+    K = H.shape[0]
+    mean_diag = torch.mean(torch.diag(H)).item()
+    diag = torch.arange(K, device=H.device)
+    base = percdamp if percdamp > 0 else 1e-3
+    d = percdamp
+    for attempt in range(max_retries + 1):
+        d = percdamp if attempt == 0 else base * 10 ** attempt
+        Hd = H.clone()
+        Hd[diag, diag] += d * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U, d
+    return None, d
+
+
+def gptq_quantize(
+    W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, blocksize: int = 128, percdamp: float = 0.01,
+    act_order: bool = False, static_groups: bool = False, max_damp_retries: int = 4,
+) -> GPTQResult:
+    """Quantize ``W [N, K]`` given its input Hessian ``H [K, K]``. Neither input is modified."""
+    W = W.detach().float().clone()                                  # [N, K]
+    H = H.detach().float().clone()                                  # [K, K]
+    N, K = W.shape
+    if not torch.isfinite(H).all():
+        raise FloatingPointError("Hessian has NaN/Inf entries")
+    qmin, qmax = args.qmin_qmax
+    G = args.group_size if args.group_size > 0 else K
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    hdiag = torch.diag(H).clone()
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        invperm = torch.argsort(perm)
+
+    # Static groups: parameters fitted on the original column order before any update.
+    static = None
+    if static_groups or (G == K):
+        static = [fit_qparams(W[:, g0:g0 + G], args, hdiag[g0:g0 + G]) for g0 in range(0, K, G)]
+
+    if act_order:
+        W, H = W[:, perm], H[perm][:, perm]
+
+    Hinv, damp = damped_inverse_cholesky(H, percdamp, max_damp_retries)
+    if Hinv is None:
+        qw, Q = rtn(W if perm is None else W[:, invperm], args, hdiag)
+        return GPTQResult(qw, Q, torch.full((N,), float("nan")), damp,
+                          fallback=f"Hessian not positive definite after damping {damp:g}; used RTN", dead=int(dead.sum()))
+
+    # Column -> group, in the order columns are visited.
+    col_group = torch.arange(K, device=W.device) // G                # [K] for the visit order
+    if static is not None and perm is not None:
+        col_group = (torch.arange(K, device=W.device) // G)[perm]    # group of the original column
+    n_groups = math.ceil(K / G)
+    scales = torch.zeros(N, n_groups, device=W.device)
+    zeros = torch.zeros(N, n_groups, device=W.device)
+    if static is not None:
+        for g, (s, z) in enumerate(static):
+            scales[:, g:g + 1], zeros[:, g:g + 1] = s, z
+
+    # Blocks never straddle a group fitted on the fly, so its parameters see every earlier update.
+    if static is None and blocksize % G:
+        blocksize = G * max(1, blocksize // G) if G <= blocksize else G
+
+    Q = torch.zeros_like(W)
+    Losses = torch.zeros_like(W)
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()                                    # [N, B]
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Losses1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]                                  # [B, B]
+        for i in range(count):
+            col = i1 + i
+            w = W1[:, i]                                            # [N]
+            d = Hinv1[i, i]
+            g = int(col_group[col])
+            if static is None and col % G == 0:
+                visit_cols = slice(i, i + G)
+                s, z = fit_qparams(W1[:, visit_cols], args,
+                                   (hdiag if perm is None else hdiag[perm])[col:col + G])
+                scales[:, g:g + 1], zeros[:, g:g + 1] = s, z
+            s, z = scales[:, g], zeros[:, g]
+            q = (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
+            Q1[:, i] = q
+            Losses1[:, i] = (w - q) ** 2 / d ** 2
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        Q[:, i1:i2] = Q1
+        Losses[:, i1:i2] = Losses1 / 2
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+
+    g_idx = col_group.clone()
+    if perm is not None:
+        Q = Q[:, invperm]
+        g_idx = g_idx[invperm]
+    # Integer codes from the dequantized values (exact: Q = (q - z) * s with s > 0).
+    gs, gz = scales[:, g_idx], zeros[:, g_idx]                     # [N, K]
+    q = torch.clamp(torch.round(Q / gs) + gz, qmin, qmax)
+    qw = QuantizedWeight(q.to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32),
+                         args.bits, args.group_size, args.sym)
+    return GPTQResult(qw, Q, Losses.sum(1), damp, dead=int(dead.sum()))
