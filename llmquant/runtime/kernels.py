@@ -1,0 +1,294 @@
+"""Matmul kernels for GPTQ-quantized linear layers: ``y = x @ W^T`` with ``W`` kept packed.
+
+Every kernel computes the same function of the layer's codes; only speed and memory differ.
+The weight of output ``n`` and input ``k`` is ``W[n, k] = (q[k, n] - zero[g, n]) * scale[g, n]``
+with ``g = g_idx[k]``.
+
+============  ======================================  ==============================================
+kernel        resident tensors                        forward
+============  ======================================  ==============================================
+reference     checkpoint ``qweight`` int32 packed,    unpack with ``llmquant.core.pack``, dequantize
+              zeros ``[G, N]``, fp16 scales, g_idx     in float32, matmul in float32 (the yardstick)
+dequant       the same                                 vectorised unpack + dequantize in float32, then
+                                                       matmul in the input's dtype (any bits, any device)
+int4 (CPU)    ``aten._convert_weight_to_int4pack_for  ``M <= max_m`` rows: ``_weight_int4pack_mm_for_cpu``;
+              _cpu`` bytes ``[N, Kp/2]`` uint8 +       more rows (prefill): decode the packed bytes to
+              scales/zeros ``[Gv, N, 2]``             bf16 through a 256-entry table, then one matmul
+============  ======================================  ==============================================
+
+The torch int4 kernel computes ``W = (q - 8) * s + z`` per group, so our ``(q - zero) * scale``
+becomes ``s = scale`` and ``z = (8 - zero) * scale``. It needs groups of 32/64/128/256 whole,
+contiguous columns. The int4 kernel therefore reorders input columns once at load: columns are
+sorted by group (act-order checkpoints have a non-trivial ``g_idx``), each group is cut into
+"virtual groups" of ``kgs`` columns, and a short last piece is padded with a zero activation
+column (SmolLM2: ``K = 576 = 4.5 x 128`` becomes ``Kp = 640``). At run time ``x`` gets the same
+reorder/padding (``x[..., src_index]``, or a plain ``F.pad`` when no reorder is needed), so the
+padded columns multiply zero activations and cannot change the result.
+
+Worked example: ``K = 6``, ``group_size = 4``, ``g_idx = [1, 0, 0, 1, 0, 1]``, ``kgs = 4``:
+group 0 = columns ``[1, 2, 4]``, group 1 = ``[0, 3, 5]``; ``src_index = [1, 2, 4, 6, 0, 3, 5, 6]``
+(6 = the appended zero column), ``Kp = 8``, virtual group ``v`` takes scales of group ``v``.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from llmquant.core.pack import unpack_cols, unpack_rows
+
+KERNELS = ("auto", "reference", "dequant", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+# Rows (tokens) up to which the CPU int4 kernel beats decode-to-bf16 + matmul. Measured with
+# ``scripts/bench_runtime.py --threshold`` on SmolLM2-135M layer shapes (2-core AVX512-BF16 CPU):
+# the packed kernel wins for decode-sized batches, dequantize + matmul from ~16 rows on.
+# Override with the environment variable LLMQUANT_INT4_MAX_M.
+DEFAULT_INT4_MAX_M = 8
+
+
+def int4_max_m() -> int:
+    v = os.environ.get("LLMQUANT_INT4_MAX_M")
+    if v:
+        try:
+            return int(v)
+        except ValueError:
+            warnings.warn(f"LLMQUANT_INT4_MAX_M={v!r} is not an integer; using {DEFAULT_INT4_MAX_M}")
+    return DEFAULT_INT4_MAX_M
+
+
+# ----------------------------------------------------------------------------- unpacking
+
+def unpack_qweight(qweight: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """``qweight [K*bits/32, N]`` int32 -> codes ``[K, N]`` int32 (vectorised for 2/4/8 bits)."""
+    if bits == 3:
+        return unpack_rows(qweight, bits, K)
+    per = 32 // bits
+    R, N = qweight.shape
+    if R * per != K:
+        raise ValueError(f"qweight has {R} rows; {K} inputs at {bits} bits need {K // per}")
+    shifts = torch.arange(0, 32, bits, device=qweight.device, dtype=torch.int32)       # [per]
+    q = (qweight.unsqueeze(1) >> shifts.view(1, per, 1)) & (2**bits - 1)               # [R, per, N]
+    return q.reshape(K, N)
+
+
+def unpack_qzeros(qzeros: torch.Tensor, bits: int, N: int, checkpoint_format: str) -> torch.Tensor:
+    """``qzeros [G, N*bits/32]`` -> real zero points ``[G, N]`` int32.
+
+    ``gptq_v2`` stores ``z``. ``gptq`` (v1) stores ``z - 1``; GPTQModel/AutoGPTQ write it by
+    subtracting ``0x11111111`` (4 bits; ``0x55555555`` for 2, ``0x01010101`` for 8) from each packed
+    word, so it is read by adding the same constant to the word (mod 2^32), which also undoes the
+    borrow of a ``z = 0``; 3-bit zeros are corrected value by value (``(stored + 1) mod 8``).
+    """
+    if checkpoint_format == "gptq_v2":
+        return unpack_cols(qzeros, bits, N)
+    if bits == 3:
+        return (unpack_cols(qzeros, bits, N) + 1) & 7
+    per = 32 // bits
+    one = sum(1 << (bits * i) for i in range(per))                     # 0x11111111 for 4 bits
+    words = (qzeros.to(torch.int64) + one) & 0xFFFFFFFF
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return unpack_cols(words, bits, N)
+
+
+def dequantize_t(q_t: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                 g_idx: torch.Tensor) -> torch.Tensor:
+    """Codes ``[K, N]``, zeros/scales ``[G, N]``, ``g_idx [K]`` -> float32 ``W^T [K, N]``."""
+    g = g_idx.long()
+    return (q_t.float() - zeros.float()[g]) * scales.float()[g]
+
+
+# ----------------------------------------------------------------------------- reference / dequant
+
+class ReferenceKernel(torch.nn.Module):
+    """Dequantize with ``llmquant.core.pack.unpack_rows`` and multiply in float32."""
+
+    name = "reference"
+
+    def __init__(self, qweight, zeros, scales, g_idx, bits: int):
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("qweight", qweight, persistent=False)       # [K*bits/32, N] int32
+        self.register_buffer("zeros", zeros.to(torch.uint8), persistent=False)   # [G, N]
+        self.register_buffer("scales", scales.to(torch.float16), persistent=False)  # [G, N]
+        self.register_buffer("g_idx", g_idx.to(torch.int32), persistent=False)      # [K]
+
+    def weight_t(self) -> torch.Tensor:
+        """float32 ``W^T [K, N]``."""
+        q = unpack_rows(self.qweight.cpu(), self.bits, self.g_idx.numel()).to(self.qweight.device)
+        return dequantize_t(q, self.zeros, self.scales, self.g_idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:               # [..., K] -> [..., N]
+        return (x.float() @ self.weight_t()).to(x.dtype)
+
+
+class DequantKernel(ReferenceKernel):
+    """Unpack (vectorised), dequantize in float32, matmul in ``x.dtype``. Any bits, any device."""
+
+    name = "dequant"
+
+    def weight_t(self) -> torch.Tensor:
+        q = unpack_qweight(self.qweight, self.bits, self.g_idx.numel())
+        return dequantize_t(q, self.zeros, self.scales, self.g_idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight_t().to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- CPU int4
+
+def int4_group(group_size: int, K: int) -> int:
+    """Kernel group size ``kgs`` for a checkpoint group size (-1 = one group over all K)."""
+    if group_size in INT4_GROUP_SIZES:
+        return group_size
+    if group_size <= 0 or group_size >= K or group_size > max(INT4_GROUP_SIZES):
+        return 128
+    return min(s for s in INT4_GROUP_SIZES if s >= group_size)
+
+
+def int4_layout(g_idx: torch.Tensor, G: int, kgs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(src_index [Kp], vgroup [Gv])``: column ``j`` of the kernel's input is input column
+    ``src_index[j]`` (``K`` = the zero column), and virtual group ``v`` uses group ``vgroup[v]``."""
+    K = g_idx.numel()
+    g = g_idx.long()
+    order = torch.sort(g, stable=True).indices                         # columns sorted by group
+    counts = torch.bincount(g, minlength=G).tolist()
+    src, vgroup, start = [], [], 0
+    for grp, c in enumerate(counts):
+        cols = order[start:start + c]
+        start += c
+        for i in range(0, c, kgs):
+            chunk = cols[i:i + kgs]
+            src.append(chunk)
+            if chunk.numel() < kgs:
+                src.append(torch.full((kgs - chunk.numel(),), K, dtype=torch.long))
+            vgroup.append(grp)
+    return torch.cat(src), torch.tensor(vgroup, dtype=torch.long)
+
+
+_LUT_CACHE: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _nibble_lut(dtype: torch.dtype) -> torch.Tensor:
+    """``[256, 2]``: byte -> (low nibble - 8, high nibble - 8) in ``dtype``."""
+    if dtype not in _LUT_CACHE:
+        b = torch.arange(256)
+        _LUT_CACHE[dtype] = torch.stack([(b & 15) - 8, (b >> 4) - 8], -1).to(dtype)
+    return _LUT_CACHE[dtype]
+
+
+def decode_int4pack_cpu(packed: torch.Tensor, N: int, Kp: int, dtype=torch.bfloat16) -> torch.Tensor:
+    """Bytes of ``_convert_weight_to_int4pack_for_cpu`` -> ``(q - 8)^T [Kp, N]`` in ``dtype``.
+
+    The AVX512 layout (torch 2.5+): ``N`` in blocks of 64, each block ``[Kp, 32]`` bytes whose byte
+    ``b`` holds output ``b`` (low nibble) and ``b + 32`` (high nibble); a last block of
+    ``t < 64`` outputs is ``[Kp, t/2]`` bytes holding outputs ``2j`` and ``2j + 1``. Other CPUs
+    may lay bytes out differently: :func:`int4pack_layout_ok` checks before this is used.
+    """
+    lut = _nibble_lut(dtype)
+    flat = packed.reshape(-1)
+    NB, t = divmod(N, 64)
+    parts = []
+    if NB:
+        full = flat[: NB * Kp * 32].view(NB, Kp, 32)
+        v = F.embedding(full.int(), lut)                                # [NB, Kp, 32, 2]
+        parts.append(v.permute(1, 0, 3, 2).reshape(Kp, NB * 64))
+    if t:
+        tail = flat[NB * Kp * 32:].view(Kp, t // 2)
+        parts.append(F.embedding(tail.int(), lut).reshape(Kp, t))      # [Kp, t]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+_LAYOUT_OK: dict[int, bool] = {}
+
+
+def int4pack_layout_ok(N: int) -> bool:
+    """Does :func:`decode_int4pack_cpu` invert this CPU's packing for ``N`` outputs? (cached)"""
+    if N not in _LAYOUT_OK:
+        g = torch.Generator().manual_seed(N)
+        q = torch.randint(0, 16, (N, 64), generator=g, dtype=torch.int32)
+        try:
+            p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            back = decode_int4pack_cpu(p, N, 64, torch.float32) + 8
+            _LAYOUT_OK[N] = bool(torch.equal(back.t().to(torch.int32), q))
+        except (RuntimeError, ValueError):
+            _LAYOUT_OK[N] = False
+    return _LAYOUT_OK[N]
+
+
+def int4_cpu_supported(bits: int, N: int) -> bool:
+    return (bits == 4 and N % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
+
+
+class Int4CpuKernel(torch.nn.Module):
+    """PyTorch's packed int4 CPU matmul for few rows, decode-to-bf16 + matmul for many.
+
+    ``compute_dtype`` is the dtype of activations, scales and zeros inside the kernel (bfloat16 by
+    default: the float32 variant of the torch kernel is far slower); the output is cast back to
+    the input's dtype.
+    """
+
+    name = "int4"
+
+    def __init__(self, q_t: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                 group_size: int, compute_dtype: torch.dtype = torch.bfloat16, max_m: int | None = None):
+        super().__init__()
+        K, N = q_t.shape                                               # codes [K, N]
+        G = scales.shape[0]
+        self.in_features, self.out_features = K, N
+        self.compute_dtype = compute_dtype
+        self.max_m = int4_max_m() if max_m is None else max_m
+        self.kgs = kgs = int4_group(group_size, K)
+        src, vgroup = int4_layout(g_idx, G, kgs)                       # [Kp], [Gv]
+        self.Kp = Kp = src.numel()
+        identity = bool(torch.equal(src[:K], torch.arange(K))) and bool((src[K:] == K).all())
+        self.pad = Kp - K if identity else None                        # F.pad is enough
+        self.register_buffer("src_index", None if identity else src.to(torch.int32), persistent=False)
+        q_pad = torch.cat([q_t.to(torch.int32), torch.full((1, N), 8, dtype=torch.int32)])  # [K+1, N]
+        codes = q_pad[src].t().contiguous()                            # [N, Kp]
+        s = scales.float()[vgroup]                                     # [Gv, N]
+        z = (8 - zeros.float()[vgroup]) * s                            # [Gv, N]
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
+                             persistent=False)                         # [N, Kp/2] uint8
+        self.register_buffer("scales_zeros", torch.stack([s, z], -1).to(compute_dtype).contiguous(),
+                             persistent=False)                         # [Gv, N, 2]
+        self.can_decode = int4pack_layout_ok(N)
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:                # [M, K] -> [M, Kp]
+        x = x.to(self.compute_dtype)
+        if self.src_index is None:
+            return F.pad(x, (0, self.pad)) if self.pad else x
+        return F.pad(x, (0, 1))[:, self.src_index.long()]
+
+    def weight_t(self) -> torch.Tensor:
+        """``W^T [Kp, N]`` in ``compute_dtype`` (rows in the kernel's column order)."""
+        v = decode_int4pack_cpu(self.packed, self.out_features, self.Kp, self.compute_dtype)
+        v = v.view(-1, self.kgs, self.out_features)                    # [Gv, kgs, N]
+        sz = self.scales_zeros
+        return torch.addcmul(sz[:, None, :, 1], v, sz[:, None, :, 0]).view(self.Kp, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = self._inputs(x.reshape(-1, shape[-1]))                    # [M, Kp]
+        if x2.shape[0] <= self.max_m or not self.can_decode:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.kgs, self.scales_zeros)
+        else:
+            y = x2 @ self.weight_t()
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+# ----------------------------------------------------------------------------- choice
+
+def resolve_kernel(kernel: str, bits: int, out_features: int, device: str) -> str:
+    """The kernel a layer uses. ``auto``: int4 on CPU for 4-bit layers whose ``N`` is a multiple of
+    16, dequant otherwise (CUDA included). Forcing ``int4`` where it cannot run falls back to dequant."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; use one of {', '.join(KERNELS)}")
+    if kernel in ("reference", "dequant"):
+        return kernel
+    if not str(device).startswith("cuda") and int4_cpu_supported(bits, out_features):
+        return "int4"
+    return "dequant"
