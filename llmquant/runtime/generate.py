@@ -30,17 +30,23 @@ def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, temperatur
         probs = torch.softmax(logits.float().cpu() / temperature, -1)
         return int(torch.multinomial(probs, 1, generator=gen))
 
+    import inspect
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def cache_of(out):
+        return getattr(out, "cache", None) if cache_kw == "cache" else out.past_key_values
+
     t0 = time.perf_counter()
     out = model(ids, use_cache=True)
     tok = pick(out.logits[0, -1])
     t1 = time.perf_counter()
-    past = out.past_key_values
+    past = cache_of(out)
     new.append(tok)
     if on_token:
         on_token(tok)
     while len(new) < max_new_tokens and tok not in eos:
-        out = model(torch.tensor([[tok]], device=device), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(torch.tensor([[tok]], device=device), use_cache=True, **{cache_kw: past})
+        past = cache_of(out)
         tok = pick(out.logits[0, -1])
         new.append(tok)
         if on_token:
