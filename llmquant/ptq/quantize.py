@@ -1,0 +1,168 @@
+"""W8A8 post-training quantization of every linear layer in the decoder stack.
+
+* dynamic: int8 weights per output channel; activations quantized per token at run time.
+* static: the same weights; one activation step per linear input, fixed from calibration text
+  by an observer (``minmax`` / ``percentile`` / ``mse`` / ``kl``, :mod:`llmquant.core.observers`).
+
+Only linear layers inside the decoder blocks are replaced (found generically by
+:mod:`llmquant.model.discovery`); embeddings and ``lm_head`` stay dense.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from llmquant.core.observers import OBSERVERS, make_observer
+from llmquant.core.quantizers import error_report
+from llmquant.errors import InputError, NumericalError
+from llmquant.model.discovery import find_decoder_layers, find_linears, weight_matrix
+from llmquant.ptq.linear import BACKENDS, W8A8Linear
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class PTQConfig:
+    """Settings of a W8A8 run; validated on construction."""
+
+    mode: str = "dynamic"               # dynamic | static
+    observer: str = "minmax"            # static only
+    percentile: float = 99.99
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.mode not in ("dynamic", "static"):
+            raise InputError(f"mode {self.mode!r}: use dynamic or static")
+        if self.observer not in OBSERVERS:
+            raise InputError(f"--observer {self.observer}: unknown; use one of {', '.join(OBSERVERS)}")
+        if not 0 < self.percentile <= 100:
+            raise InputError(f"--percentile {self.percentile}: must be in (0, 100]")
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise InputError(f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: need nsamples >= 1, seqlen >= 2")
+        if self.backend not in BACKENDS:
+            raise InputError(f"--backend {self.backend}: unknown; use one of {', '.join(BACKENDS)}")
+
+    def quantization_config(self, modules: list[str]) -> dict:
+        """The ``quantization_config`` block of ``config.json``."""
+        qc = {"quant_method": "llmquant_w8a8", "bits": 8, "weight": "int8 symmetric per output channel",
+              "activation": "int8 symmetric per token (dynamic)" if self.mode == "dynamic"
+              else "int8 symmetric per tensor (static)",
+              "mode": self.mode, "modules": modules}
+        if self.mode == "static":
+            qc.update(observer=self.observer, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed)
+            if self.observer == "percentile":
+                qc["percentile"] = self.percentile
+        return qc
+
+
+def target_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """``{qualified name: module}`` of the linear layers inside the decoder blocks."""
+    prefix, layers = find_decoder_layers(model)
+    out = {}
+    for i, layer in enumerate(layers):
+        for n, m in find_linears(layer).items():
+            out[f"{prefix}.{i}.{n}"] = m
+    if not out:
+        raise InputError(f"{type(model).__name__}: no linear layers found in the decoder blocks")
+    return out
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, windows: torch.Tensor, cfg: PTQConfig, names: list[str],
+              progress: Progress | None = None) -> dict[str, dict]:
+    """Run ``windows [n, seqlen]`` through the model and observe each target linear's input.
+
+    Linear layers reading the same tensor (q/k/v, gate/up) share one observer.
+    Returns ``{name: {"scale": float, "amax": float, "threshold": float}}``.
+    """
+    kw = {"percentile": cfg.percentile} if cfg.observer == "percentile" else {}
+    observers: dict[str, object] = {}
+    last: list = [None, None]            # (input tensor, observer) of the previous hook call
+
+    def hook(name):
+        def fn(mod, inp):
+            x = inp[0]
+            if last[0] is x:
+                observers[name] = last[1]
+                return
+            obs = observers.get(name)
+            if obs is None:
+                obs = observers[name] = make_observer(cfg.observer, bits=8, **kw)
+            obs.update(x.reshape(-1, x.shape[-1]))
+            last[0], last[1] = x, obs
+        return fn
+
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for i in range(windows.shape[0]):
+            model(windows[i:i + 1], use_cache=False)
+            last[0] = last[1] = None
+            if progress:
+                progress(i + 1, windows.shape[0])
+    finally:
+        for h in handles:
+            h.remove()
+    out, done = {}, {}
+    for n in names:
+        obs = observers.get(n)
+        if obs is None:
+            raise InputError(f"layer {n} never ran during calibration; it cannot get a static activation scale")
+        if id(obs) not in done:
+            lo, hi = obs.range()
+            scale, _ = obs.qparams()
+            amax = getattr(obs, "amax", None)
+            amax = float(amax) if amax is not None else float(torch.maximum(lo.abs(), hi.abs()))
+            done[id(obs)] = {"scale": float(scale), "threshold": float(hi), "amax": amax}
+        out[n] = done[id(obs)]
+    return out
+
+
+@torch.no_grad()
+def quantize_w8a8(model: nn.Module, cfg: PTQConfig, windows: torch.Tensor | None = None,
+                  progress_calib: Progress | None = None, progress_layers: Progress | None = None) -> dict:
+    """Replace every decoder linear with a :class:`W8A8Linear` in place; return a JSON report."""
+    t0 = time.time()
+    targets = target_linears(model)
+    names = list(targets)
+    act = {}
+    if cfg.mode == "static":
+        if windows is None:
+            raise InputError("static W8A8 needs calibration windows; pass --dataset")
+        act = calibrate(model, windows, cfg, names, progress_calib)
+    t_cal = time.time() - t0
+    layers = []
+    for i, (name, m) in enumerate(targets.items()):
+        W = weight_matrix(m).detach().float()                               # [N, K]
+        if not torch.isfinite(W).all():
+            raise NumericalError(f"layer {name}: the weight has inf/NaN; the model is corrupted")
+        bias = m.bias if getattr(m, "bias", None) is not None else None
+        q = W8A8Linear.from_dense(W, bias, act[name]["scale"] if act else None, backend=cfg.backend)
+        err = error_report(W, q.dequantized_weight())
+        row = {"name": name, "shape": list(W.shape), "weight_sqnr_db": round(err["sqnr_db"], 2),
+               "weight_rel_error": err["rel_error"]}
+        if act:
+            row.update({"act_" + k: v for k, v in act[name].items()})
+            row["act_clip_ratio"] = act[name]["threshold"] / act[name]["amax"] if act[name]["amax"] > 0 else 1.0
+        layers.append(row)
+        set_module(model, name, q.to(W.device))
+        if progress_layers:
+            progress_layers(i + 1, len(targets))
+    model.config.quantization_config = cfg.quantization_config(names)
+    sq = [r["weight_sqnr_db"] for r in layers if math.isfinite(r["weight_sqnr_db"])]
+    return {"method": f"w8a8-{cfg.mode}", "config": asdict(cfg), "n_layers": len(layers),
+            "calibration_seconds": round(t_cal, 2), "seconds": round(time.time() - t0, 2),
+            "mean_weight_sqnr_db": round(sum(sq) / len(sq), 2) if sq else None, "layers": layers}
