@@ -1,0 +1,292 @@
+"""Layer-by-layer sequential quantization: the plumbing around the math in ``core/``.
+
+1. Capture what the first decoder layer receives (hidden states and every keyword argument: masks,
+   position ids / embeddings), for every calibration batch, by stopping the model's forward there.
+2. For each decoder layer (only that layer on the compute device):
+   for each group of linear layers sharing an input, in execution order (true sequential):
+   run the layer until that input exists, accumulate its Hessian, stop; quantize the group.
+   Then run the whole layer with quantized weights: its outputs are the next layer's inputs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from llmquant.core.gptq import GPTQ, GPTQResult, QuantArgs, rtn
+from llmquant.core.qtensor import QuantizedWeight
+from llmquant.errors import InputError, NumericalError
+from llmquant.model.discovery import (StopForward, find_decoder_layers, find_linears, set_weight_matrix,
+                                      trace_groups, weight_matrix)
+
+
+@dataclass
+class GPTQSettings:
+    args: QuantArgs
+    blocksize: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    compute_dtype: torch.dtype | None = None   # autocast dtype for the forward passes (None: model dtype)
+
+
+@dataclass
+class ModuleRecord:
+    name: str
+    shape: tuple[int, int]
+    loss: float
+    damp: float | None
+    fallback: str | None
+    tokens: int
+    seconds: float
+    dead_columns: int = 0
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "out_features": self.shape[0], "in_features": self.shape[1],
+                "loss": self.loss, "damp": self.damp, "fallback": self.fallback, "tokens": self.tokens,
+                "seconds": round(self.seconds, 4), "dead_columns": self.dead_columns}
+
+
+@dataclass
+class QuantizeResult:
+    quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
+    records: list[ModuleRecord] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)
+
+
+def check_packable(model: nn.Module, bits: int) -> None:
+    """The packed format needs whole int32 words: refuse early, naming the layer."""
+    prefix, layers = find_decoder_layers(model)
+    unit = 32 if bits == 3 else 32 // bits
+    for i, layer in enumerate(layers):
+        for name, m in find_linears(layer).items():
+            N, K = weight_matrix(m).shape
+            if K % unit or N % unit:
+                raise InputError(f"layer {prefix}.{i}.{name} is {N}x{K}: {bits}-bit packing needs in and out features "
+                                 f"that are multiples of {unit}; choose another --bits")
+
+
+class _Capture(Exception):
+    pass
+
+
+def _clean_kwargs(kwargs: dict) -> dict:
+    kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    for k in ("past_key_value", "past_key_values", "layer_past", "cache"):
+        kw.pop(k, None)
+    kw["use_cache"] = False
+    return kw
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device: str,
+                         autocast: torch.dtype | None) -> tuple[list[torch.Tensor], list[dict[int, dict]]]:
+    """Hidden states ``[b, seq, d]`` entering decoder layer 0 for every batch, and the keyword arguments
+    (masks, position ids / embeddings) each layer receives, per batch size.
+
+    Keyword arguments may differ between layers (sliding-window layers get their own mask and rotary
+    tables), so they are recorded for every layer from one full forward per distinct batch size.
+    """
+    _, layers = find_decoder_layers(model)
+    inps: list[torch.Tensor] = []
+    layer_kws: list[dict[int, dict]] = [dict() for _ in layers]
+
+    def stop_at_first(mod, args, kwargs):
+        inps.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _Capture
+
+    def record(i):
+        def fn(mod, args, kwargs):
+            hs = args[0] if args else kwargs["hidden_states"]
+            layer_kws[i][hs.shape[0]] = _clean_kwargs(kwargs)
+        return fn
+
+    moved = _move_non_layer_modules(model, layers, device)
+    try:
+        for ids in batches:
+            if ids.shape[0] not in layer_kws[0]:
+                hs = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+                try:
+                    with _autocast(device, autocast):
+                        model(input_ids=ids[:, :].to(device), use_cache=False) if device == "cpu" else \
+                            _forward_streaming(model, layers, ids.to(device), device, autocast)
+                finally:
+                    for h in hs:
+                        h.remove()
+            h = layers[0].register_forward_pre_hook(stop_at_first, with_kwargs=True)
+            try:
+                with _autocast(device, autocast):
+                    model(input_ids=ids.to(device), use_cache=False)
+            except _Capture:
+                pass
+            finally:
+                h.remove()
+    finally:
+        if device != "cpu":
+            for m in moved:
+                m.to("cpu")
+    return inps, layer_kws
+
+
+def _forward_streaming(model, layers, ids, device, autocast):
+    """A full forward with each decoder layer moved to ``device`` only while it runs."""
+    hooks = [layer.register_forward_pre_hook(lambda m, a: m.to(device)) for layer in layers]
+    hooks += [layer.register_forward_hook(lambda m, a, o: m.to("cpu")) for layer in layers]
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _move_non_layer_modules(model, layers, device) -> list[nn.Module]:
+    if device == "cpu":
+        return []
+    moved = []
+    layer_ids = {id(layer) for layer in layers}
+    for name, mod in model.named_modules():
+        if id(mod) in layer_ids or mod is model:
+            continue
+        if any(p.device.type != torch.device(device).type for p in mod.parameters(recurse=False)) or \
+                any(b.device.type != torch.device(device).type for b in mod.buffers(recurse=False)):
+            mod.to(device)
+            moved.append(mod)
+    return moved
+
+
+def _autocast(device: str, dtype: torch.dtype | None):
+    if dtype is None:
+        return torch.autocast(device_type=torch.device(device).type, enabled=False)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _check_finite(t: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        raise NumericalError(f"NaN/Inf activations at {where}; load the model in float32 (--dtype float32) "
+                             "or check the model's weights")
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    calib: torch.Tensor | None,
+    settings: GPTQSettings,
+    method: str = "gptq",
+    device: str = "cpu",
+    batch_size: int = 8,
+    on_step: Callable[[str, int, int], None] | None = None,
+) -> QuantizeResult:
+    """Quantize every linear layer of every decoder layer of ``model`` in place (weights become their
+    dequantized values) and return the packed-ready results. ``calib [n, seq]`` token ids (GPTQ only)."""
+    prefix, layers = find_decoder_layers(model)
+    check_packable(model, settings.args.bits)
+    result = QuantizeResult()
+    n_layers = len(layers)
+
+    if method == "rtn":
+        for i, layer in enumerate(layers):
+            t0 = time.perf_counter()
+            for name, m in find_linears(layer).items():
+                t1 = time.perf_counter()
+                W = weight_matrix(m).detach().to(device).float()
+                qw, Q = rtn(W, settings.args)
+                set_weight_matrix(m, Q.to(m.weight.device))
+                qw = _to_cpu(qw, m)
+                full = f"{prefix}.{i}.{name}"
+                result.quantized[full] = qw
+                loss = float(((W - Q) ** 2).sum())
+                result.records.append(ModuleRecord(full, tuple(W.shape), loss, None, None, 0, time.perf_counter() - t1))
+            result.layer_seconds.append(time.perf_counter() - t0)
+            if on_step:
+                on_step(f"layer {i}", i + 1, n_layers)
+        return result
+
+    if calib is None:
+        raise ValueError("GPTQ needs calibration token ids")
+    batches = list(calib.split(batch_size))
+    ntokens = calib.numel()
+    inps, layer_kws = capture_layer_inputs(model, batches, device, settings.compute_dtype)
+    for b, x in enumerate(inps):
+        _check_finite(x, f"the input of {prefix}.0")
+
+    for i, layer in enumerate(layers):
+        t0 = time.perf_counter()
+        layer.to(device)
+        kws = [layer_kws[i][x.shape[0]] for x in inps]
+        groups = trace_groups(layer, (inps[0],), kws[0])
+        linears = find_linears(layer)
+        for group in groups:
+            first = linears[group.first]
+            K = weight_matrix(first).shape[1]
+            gp = GPTQ(K, device=device)
+
+            def hook(mod, inp, gp=gp):
+                x = inp[0]
+                gp.add_batch(x)
+                raise StopForward
+
+            h = first.register_forward_pre_hook(hook)
+            try:
+                for x, kw in zip(inps, kws):
+                    try:
+                        with _autocast(device, settings.compute_dtype):
+                            layer(x, **kw)
+                    except StopForward:
+                        pass
+            finally:
+                h.remove()
+            if not torch.isfinite(gp.H).all():
+                raise NumericalError(f"NaN/Inf activations entering {prefix}.{i}.{group.first}; "
+                                     "load the model in float32 (--dtype float32) or check its weights")
+            _quantize_group(prefix, i, group.names, linears, gp, settings, result, ntokens, device)
+            del gp
+        outs = []
+        for x, kw in zip(inps, kws):
+            with _autocast(device, settings.compute_dtype):
+                y = _first(layer(x, **kw))
+            _check_finite(y, f"the output of {prefix}.{i}")
+            outs.append(y.to(x.dtype) if y.dtype != x.dtype else y)
+        if device != "cpu":
+            layer.to("cpu")
+        inps = outs
+        result.layer_seconds.append(time.perf_counter() - t0)
+        if on_step:
+            on_step(f"layer {i}", i + 1, n_layers)
+    return result
+
+
+def _to_cpu(qw: QuantizedWeight, m: nn.Module) -> QuantizedWeight:
+    bias = getattr(m, "bias", None)
+    return QuantizedWeight(qw.q.cpu(), qw.scale.cpu(), qw.zero.cpu(), qw.g_idx.cpu(), qw.bits,
+                           qw.group_size, qw.sym, None if bias is None else bias.detach().cpu())
+
+
+def _quantize_group(prefix, i, names, linears, gp: GPTQ, settings: GPTQSettings, result: QuantizeResult,
+                    ntokens: int, device) -> None:
+    """Quantize the layers that share one Hessian as one stacked matrix ``[sum N, K]``."""
+    t1 = time.perf_counter()
+    Ws = [weight_matrix(linears[n]).detach().to(device).float() for n in names]
+    rows = [w.shape[0] for w in Ws]
+    res: GPTQResult = gp.quantize(torch.cat(Ws, 0), settings.args, blocksize=settings.blocksize,
+                                  percdamp=settings.percdamp, act_order=settings.act_order,
+                                  static_groups=settings.static_groups)
+    seconds = (time.perf_counter() - t1) / len(names)
+    r0 = 0
+    for n, nrows in zip(names, rows):
+        sl = slice(r0, r0 + nrows)
+        qw = res.qweight
+        part = QuantizedWeight(qw.q[sl], qw.scale[sl], qw.zero[sl], qw.g_idx, qw.bits, qw.group_size, qw.sym)
+        m = linears[n]
+        set_weight_matrix(m, res.Q[sl].to(m.weight.device))
+        full = f"{prefix}.{i}.{n}"
+        result.quantized[full] = _to_cpu(part, m)
+        result.records.append(ModuleRecord(full, (nrows, Ws[0].shape[1]), float(res.loss[sl].sum()), res.damp,
+                                           res.fallback, ntokens, seconds, res.dead))
+        r0 += nrows

@@ -1,0 +1,102 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+from llmquant.core.gptq import QuantArgs  # noqa: E402
+from llmquant.model.discovery import find_decoder_layers, find_linears, trace_groups, weight_matrix  # noqa: E402
+from llmquant.pipeline import GPTQSettings, capture_layer_inputs, quantize_model  # noqa: E402
+
+
+def calib(n=8, seq=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (n, seq), generator=g)
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_gptq_quantizes_every_linear_of_every_architecture(arch):
+    model = tiny.tiny_model(arch)
+    ids = calib()
+    with torch.no_grad():
+        ref = model(ids).logits
+    prefix, layers = find_decoder_layers(model)
+    expected = {f"{prefix}.{i}.{n}" for i, layer in enumerate(layers) for n in find_linears(layer)}
+    res = quantize_model(model, ids, GPTQSettings(QuantArgs(bits=8, group_size=32, sym=False), act_order=True),
+                         batch_size=3)
+    assert set(res.quantized) == expected
+    modules = dict(model.named_modules())
+    for name, qw in res.quantized.items():
+        # the model now computes with exactly the dequantized checkpoint weights
+        assert torch.equal(weight_matrix(modules[name]).detach().float(), qw.dequantize())
+        assert qw.q.shape == tuple(weight_matrix(modules[name]).shape)
+    with torch.no_grad():
+        out = model(ids).logits
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 0.02, f"{arch}: 8-bit GPTQ changed the logits by {rel:.3%}"
+    assert all(r.fallback is None for r in res.records)
+    assert all(r.tokens == ids.numel() for r in res.records)
+
+
+def test_true_sequential_groups_in_execution_order():
+    model = tiny.tiny_model("llama")
+    _, layers = find_decoder_layers(model)
+    inps, kws = capture_layer_inputs(model, [calib(2)], "cpu", None)
+    groups = trace_groups(layers[0], (inps[0],), kws[0][2])
+    assert [g.names for g in groups] == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_later_groups_see_quantized_inputs(monkeypatch):
+    """When o_proj's Hessian is accumulated, q/k/v already hold their quantized weights."""
+    import llmquant.pipeline as P
+    model = tiny.tiny_model("llama")
+    seen = []
+    orig = P._quantize_group
+
+    def spy(prefix, i, names, linears, gp, *a, **k):
+        state = {n: weight_matrix(linears[n]).detach().clone() for n in linears}
+        seen.append((i, names, gp.H.clone(), state))
+        return orig(prefix, i, names, linears, gp, *a, **k)
+
+    monkeypatch.setattr(P, "_quantize_group", spy)
+    ids = calib(4)
+    res = quantize_model(model, ids, GPTQSettings(QuantArgs(bits=3, group_size=-1)), batch_size=4)
+    # layer 0, group o_proj: recompute its input from the layer with quantized q/k/v and compare Hessians
+    i, names, H, state = seen[1]
+    assert names == ["self_attn.o_proj"]
+    for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        assert torch.equal(state[n].float(), res.quantized[f"model.layers.0.{n}"].dequantize())
+    assert not torch.equal(state["self_attn.o_proj"].float(), res.quantized["model.layers.0.self_attn.o_proj"].dequantize())
+
+
+def test_rtn_method_matches_core_rtn():
+    from llmquant.core.gptq import rtn
+    model = tiny.tiny_model("llama")
+    W0 = {n: weight_matrix(m).detach().clone() for n, m in model.named_modules() if n.endswith("q_proj")}
+    res = quantize_model(model, None, GPTQSettings(QuantArgs(bits=4, group_size=32)), method="rtn")
+    for n, W in W0.items():
+        qw, _ = rtn(W, QuantArgs(bits=4, group_size=32))
+        assert torch.equal(res.quantized[n].q, qw.q)
+
+
+def test_nan_activations_name_the_layer():
+    from llmquant.errors import NumericalError
+    model = tiny.tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NumericalError, match=r"model\.layers\.1"):
+        quantize_model(model, calib(2), GPTQSettings(QuantArgs(bits=4, group_size=32)))
+
+
+def test_bits3_needs_multiple_of_32():
+    from llmquant.errors import InputError
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    m = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96,
+                                                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4))
+    with pytest.raises(InputError, match=r"model\.layers\.0\.self_attn\.q_proj.*multiples of 32"):
+        quantize_model(m, calib(2), GPTQSettings(QuantArgs(bits=3, group_size=-1)))
