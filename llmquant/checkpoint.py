@@ -15,7 +15,9 @@ tensor              shape                dtype      content
 
 ``K`` = in features, ``N`` = out features, ``G = ceil(K / group_size)`` (1 when ``group_size`` is -1).
 Everything else of the state dict is stored in the saved dtype (float16, or bfloat16 when the
-model's config says bfloat16, or ``dtype``). The directory is written atomically: a temp dir in
+model's config says bfloat16, or ``dtype``). Linears of the quantized blocks that are not in
+``quantized`` stay dense and are listed in ``quantization_config["dynamic"]`` as ``"-:^name$"``
+(GPTQModel / vLLM: do not quantize). The directory is written atomically: a temp dir in
 the same parent, fsynced, then renamed onto ``out_dir``.
 """
 from __future__ import annotations
@@ -274,6 +276,31 @@ def _module_name(model, module) -> str | None:
     return None
 
 
+def unquantized_block_linears(model, quantized) -> list[str]:
+    """Linear / Conv1D modules inside the quantized blocks that stay dense.
+
+    A block list is the part of a quantized name before its first numeric component
+    (``model.layers.``); every linear under ``<list>.<i>.`` that is not in ``quantized`` is listed.
+    GPTQ loaders quantize every linear of every block unless ``dynamic`` excludes it.
+    """
+    lists = set()
+    for name in quantized:
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part.isdigit():
+                lists.add(".".join(parts[:i]) + ".")
+                break
+    out = []
+    for name, mod in model.named_modules():
+        if name in quantized or not (isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"):
+            continue
+        for p in lists:
+            if name.startswith(p) and name[len(p):].split(".")[0].isdigit():
+                out.append(name)
+                break
+    return out
+
+
 def _check_module(model, name: str, qw: QuantizedWeight) -> None:
     try:
         mod = model.get_submodule(name)
@@ -355,6 +382,11 @@ def save_gptq_checkpoint(
     lm_head_name = _module_name(model, out_emb) if out_emb is not None else None
     qc = build_quant_config(quant_config, checkpoint_format=checkpoint_format,
                             lm_head=lm_head_name is not None and lm_head_name in quantized)
+    dense = unquantized_block_linears(model, quantized)
+    if dense:                       # GPTQModel / vLLM "dynamic": "-:<regex>" = leave this module dense
+        dynamic = dict(qc.get("dynamic") or {})
+        dynamic.update({f"-:^{re.escape(n)}$": {} for n in dense})
+        qc["dynamic"] = dynamic
     qtensors: dict[str, torch.Tensor] = {}
     biases: dict[str, torch.Tensor] = {}
     for name, qw in quantized.items():

@@ -455,3 +455,31 @@ def test_smollm2_w4_g128_size(tmp_path):
     back = load_quantized_weights(d)
     name = "model.layers.29.mlp.down_proj"
     assert torch.equal(back[name].dequantize(), reference_dequant(quantized[name]))
+
+
+def test_dense_block_linears_are_excluded_by_dynamic(tmp_path):
+    import re
+
+    model = tiny_llama()
+    names = {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+    quantized = quantize_model(model, 4, True, 32, names=names)
+    d = tmp_path / "out"
+    save_gptq_checkpoint(model, quantized, d, quant_config=qcfg(4, 32, True, dynamic={"-:.*foo.*": {}}))
+    qc = read_quant_config(d)
+    block_linears = {f"model.layers.{i}.{s}" for i in range(2)
+                     for s in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    skipped = {k for k in qc["dynamic"] if k != "-:.*foo.*"}
+    assert qc["dynamic"]["-:.*foo.*"] == {}
+    all_modules = [n for n, _ in model.named_modules()]
+    covered = set()
+    for pat in skipped:
+        assert pat.startswith("-:") and qc["dynamic"][pat] == {}
+        hits = [n for n in all_modules if re.match(pat[2:], n)]
+        assert len(hits) == 1
+        covered.add(hits[0])
+    assert covered == block_linears - names                  # lm_head is not a block linear
+    t, _ = read_all(d)
+    for n in covered:                                        # the dense ones are stored dense
+        assert f"{n}.weight" in t and f"{n}.qweight" not in t
+    assert GPTQConfig.from_dict(dict(qc)).bits == 4
