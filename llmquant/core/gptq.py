@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmquant.core.qtensor import QuantizedWeight
-from llmquant.core.quant import block_minmax, choose_qparams, expand, mse_clip_search, qrange, quantize
+from llmquant.core.quant import block_minmax, choose_qparams, fake_quantize, mse_clip_search, qrange, quantize
 
 FP16_TINY = torch.finfo(torch.float16).tiny
 
@@ -225,7 +225,7 @@ def gptq_quantize(
                                    (hdiag if perm is None else hdiag[perm])[col:col + G])
                 scales[:, g:g + 1], zeros[:, g:g + 1] = s, z
             s, z = scales[:, g], zeros[:, g]
-            q = (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
+            q = fake_quantize(w, s, z, qmin, qmax)
             Q1[:, i] = q
             Losses1[:, i] = (w - q) ** 2 / d ** 2
             err1 = (w - q) / d
@@ -241,7 +241,7 @@ def gptq_quantize(
         g_idx = g_idx[invperm]
     # Integer codes from the dequantized values (exact: Q = (q - z) * s with s > 0).
     gs, gz = scales[:, g_idx], zeros[:, g_idx]                     # [N, K]
-    q = torch.clamp(torch.round(Q / gs) + gz, qmin, qmax)
+    q = quantize(Q, gs, gz, qmin, qmax)
     qw = QuantizedWeight(q.to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32),
                          args.bits, args.group_size, args.sym)
     return GPTQResult(qw, Q, Losses.sum(1), damp, dead=int(dead.sum()))

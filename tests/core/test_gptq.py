@@ -144,3 +144,14 @@ def test_damping_retry_recovers_singular_hessian():
     H = X.T @ X
     res = gptq_quantize(torch.randn(4, 16), H, QuantArgs(bits=4, group_size=-1), percdamp=0.0)
     assert res.fallback is None and res.damp > 0
+
+
+def test_fast_rounding_equals_torch_round_after_clamp():
+    from llmquant.core.quant import quantize
+    torch.manual_seed(7)
+    x = torch.cat([torch.randn(10000) * 10, torch.arange(-40, 40) + 0.5, torch.tensor([1e9, -1e9, 2.0**22 + 0.5])])
+    s, z = torch.tensor(0.7), torch.tensor(8.0)
+    ref = torch.clamp(torch.round(x / s) + z, 0, 15)
+    assert torch.equal(quantize(x, s, z, 0, 15), ref)
+    assert torch.equal(quantize(x.double(), s.double(), z.double(), -128, 127),
+                       torch.clamp(torch.round(x.double() / s) + z, -128, 127).double())
