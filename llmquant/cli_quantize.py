@@ -44,10 +44,11 @@ OPT = dict(
 
 def _run(method: str, flags: dict) -> None:
     from llmquant.config import build_config
-    from llmquant.quantize import run_quantize
+    from llmquant.quantize import preflight, run_quantize
 
     recipe = flags.pop("config")
     cfg = build_config(recipe, flags)
+    preflight(cfg, method)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False) as prog:
         task = {"id": None}

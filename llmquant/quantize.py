@@ -60,17 +60,23 @@ def ragged_group_warning(model, group_size: int) -> str | None:
     return None
 
 
+def preflight(cfg: QuantizeConfig, method: str):
+    """Every check that needs no model load: bad flags fail in milliseconds, before any output."""
+    cfg.validate(method)
+    out = check_output(cfg.out, cfg.overwrite)
+    device = resolve_device(cfg.device)
+    source = resolve_source(cfg.model)
+    return out, device, source
+
+
 def run_quantize(cfg: QuantizeConfig, method: str = "gptq", step: Step | None = None,
                  log: Callable[[str], None] = lambda s: None) -> dict:
     """Run the whole job; returns the report (also written as ``quant_report.json`` in the output)."""
     from llmquant.checkpoint import save_gptq_checkpoint
     from llmquant.data import calibration_windows, load_corpus
 
-    cfg.validate(method)
     t_start = time.perf_counter()
-    out = check_output(cfg.out, cfg.overwrite)
-    device = resolve_device(cfg.device)
-    source = resolve_source(cfg.model)
+    out, device, source = preflight(cfg, method)
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
