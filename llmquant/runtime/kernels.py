@@ -13,7 +13,8 @@ dequant       the same                                 vectorised unpack + dequa
                                                        matmul in the input's dtype (any bits, any device)
 int4 (CPU)    ``aten._convert_weight_to_int4pack_for  ``M <= max_m`` rows: ``_weight_int4pack_mm_for_cpu``;
               _cpu`` bytes ``[N, Kp/2]`` uint8 +       more rows (prefill): decode the packed bytes to
-              scales/zeros ``[Gv, N, 2]``             bf16 through a 256-entry table, then one matmul
+              scales/zeros ``[Gv, N, 2]``             bf16 (byte transpose + 256-entry pair table, see
+                                                       :func:`feed_order`), scale, one bf16 matmul
 ============  ======================================  ==============================================
 
 The torch int4 kernel computes ``W = (q - 8) * s + z`` per group, so our ``(q - zero) * scale``
@@ -43,10 +44,11 @@ KERNELS = ("auto", "reference", "dequant", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 # Rows (tokens) up to which the CPU int4 kernel beats decode-to-bf16 + matmul. Measured with
-# ``scripts/bench_runtime.py --threshold`` on SmolLM2-135M layer shapes (2-core AVX512-BF16 CPU):
-# the packed kernel wins for decode-sized batches, dequantize + matmul from ~16 rows on.
+# ``scripts/bench_runtime.py --threshold --threads 1`` on SmolLM2-135M layer shapes (AVX512-BF16
+# CPU, shared machine): the packed kernel wins up to 32-64 rows (e.g. 576x1536: 0.88 vs 1.63 ms at
+# 32 rows, 2.66 vs 2.46 ms at 64), decode + one bf16 matmul beyond (prefill of 512: ~3x faster).
 # Override with the environment variable LLMQUANT_INT4_MAX_M.
-DEFAULT_INT4_MAX_M = 8
+DEFAULT_INT4_MAX_M = 32
 
 
 def int4_max_m() -> int:
@@ -169,35 +171,50 @@ def int4_layout(g_idx: torch.Tensor, G: int, kgs: int) -> tuple[torch.Tensor, to
 
 
 _LUT_CACHE: dict[torch.dtype, torch.Tensor] = {}
+_PAIR_INT = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
 
 
-def _nibble_lut(dtype: torch.dtype) -> torch.Tensor:
-    """``[256, 2]``: byte -> (low nibble - 8, high nibble - 8) in ``dtype``."""
+def _pair_lut(dtype: torch.dtype) -> torch.Tensor:
+    """``[256]`` integers, each holding two ``dtype`` values (low nibble - 8, high nibble - 8) of a
+    byte, so a single ``index_select`` decodes a byte into two adjacent weights."""
     if dtype not in _LUT_CACHE:
         b = torch.arange(256)
-        _LUT_CACHE[dtype] = torch.stack([(b & 15) - 8, (b >> 4) - 8], -1).to(dtype)
+        pairs = torch.stack([(b & 15) - 8, (b >> 4) - 8], -1).to(dtype).contiguous()     # [256, 2]
+        _LUT_CACHE[dtype] = pairs.view(_PAIR_INT[dtype]).reshape(256)
     return _LUT_CACHE[dtype]
 
 
-def decode_int4pack_cpu(packed: torch.Tensor, N: int, Kp: int, dtype=torch.bfloat16) -> torch.Tensor:
-    """Bytes of ``_convert_weight_to_int4pack_for_cpu`` -> ``(q - 8)^T [Kp, N]`` in ``dtype``.
+def feed_order(N: int) -> torch.Tensor:
+    """Row order in which codes are handed to ``_convert_weight_to_int4pack_for_cpu``.
 
-    The AVX512 layout (torch 2.5+): ``N`` in blocks of 64, each block ``[Kp, 32]`` bytes whose byte
-    ``b`` holds output ``b`` (low nibble) and ``b + 32`` (high nibble); a last block of
-    ``t < 64`` outputs is ``[Kp, t/2]`` bytes holding outputs ``2j`` and ``2j + 1``. Other CPUs
-    may lay bytes out differently: :func:`int4pack_layout_ok` checks before this is used.
+    Its AVX512 layout stores outputs in blocks of 64, byte ``b`` of a k-row holding outputs ``b``
+    (low nibble) and ``b + 32`` (high nibble); a last block of ``t < 64`` outputs pairs ``2j`` and
+    ``2j + 1``. Feeding rows in this order (fed row ``b`` = output ``2b``, fed row ``b + 32`` =
+    output ``2b + 1``) makes every byte hold two *adjacent* outputs, so decoding is one byte
+    transpose plus one table lookup. The packed kernel's outputs then come in this order and are
+    put back with the inverse permutation (cheap for the few rows it serves).
     """
-    lut = _nibble_lut(dtype)
+    NB = N // 64
+    b = torch.arange(32)
+    blk = torch.cat([2 * b, 2 * b + 1])                                 # [64]
+    order = (torch.arange(NB).view(NB, 1) * 64 + blk.view(1, 64)).reshape(-1)
+    return torch.cat([order, torch.arange(NB * 64, N)])
+
+
+def decode_int4pack_cpu(packed: torch.Tensor, N: int, Kp: int, dtype=torch.bfloat16) -> torch.Tensor:
+    """Bytes of ``_convert_weight_to_int4pack_for_cpu(codes[feed_order(N)])`` -> ``(q - 8)^T
+    [Kp, N]`` in ``dtype``, outputs in natural order. :func:`int4pack_layout_ok` checks the CPU's
+    layout before this is used."""
+    lut = _pair_lut(dtype)
     flat = packed.reshape(-1)
     NB, t = divmod(N, 64)
     parts = []
     if NB:
-        full = flat[: NB * Kp * 32].view(NB, Kp, 32)
-        v = F.embedding(full.int(), lut)                                # [NB, Kp, 32, 2]
-        parts.append(v.permute(1, 0, 3, 2).reshape(Kp, NB * 64))
+        full = flat[: NB * Kp * 32].view(NB, Kp, 32).transpose(0, 1).to(torch.int32)   # [Kp, NB, 32]
+        parts.append(torch.index_select(lut, 0, full.reshape(-1)).view(dtype).view(Kp, NB * 64))
     if t:
-        tail = flat[NB * Kp * 32:].view(Kp, t // 2)
-        parts.append(F.embedding(tail.int(), lut).reshape(Kp, t))      # [Kp, t]
+        tail = flat[NB * Kp * 32:].to(torch.int32)                      # [Kp * t/2]
+        parts.append(torch.index_select(lut, 0, tail).view(dtype).view(Kp, t))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
@@ -210,7 +227,7 @@ def int4pack_layout_ok(N: int) -> bool:
         g = torch.Generator().manual_seed(N)
         q = torch.randint(0, 16, (N, 64), generator=g, dtype=torch.int32)
         try:
-            p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[feed_order(N)].contiguous(), 1)
             back = decode_int4pack_cpu(p, N, 64, torch.float32) + 8
             _LAYOUT_OK[N] = bool(torch.equal(back.t().to(torch.int32), q))
         except (RuntimeError, ValueError):
@@ -251,11 +268,15 @@ class Int4CpuKernel(torch.nn.Module):
         codes = q_pad[src].t().contiguous()                            # [N, Kp]
         s = scales.float()[vgroup]                                     # [Gv, N]
         z = (8 - zeros.float()[vgroup]) * s                            # [Gv, N]
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
-                             persistent=False)                         # [N, Kp/2] uint8
-        self.register_buffer("scales_zeros", torch.stack([s, z], -1).to(compute_dtype).contiguous(),
-                             persistent=False)                         # [Gv, N, 2]
         self.can_decode = int4pack_layout_ok(N)
+        order = feed_order(N) if self.can_decode else torch.arange(N)  # rows as handed to the packer
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes[order].contiguous(), 1), persistent=False)          # [N, Kp/2] uint8
+        self.register_buffer("scales_zeros", torch.stack([s, z], -1)[:, order].to(compute_dtype).contiguous(),
+                             persistent=False)                         # [Gv, N, 2] in fed order
+        identity_rows = bool(torch.equal(order, torch.arange(N)))
+        self.register_buffer("out_index", None if identity_rows else torch.argsort(order).to(torch.int32),
+                             persistent=False)                         # fed -> natural outputs
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:                # [M, K] -> [M, Kp]
         x = x.to(self.compute_dtype)
@@ -264,19 +285,25 @@ class Int4CpuKernel(torch.nn.Module):
         return F.pad(x, (0, 1))[:, self.src_index.long()]
 
     def weight_t(self) -> torch.Tensor:
-        """``W^T [Kp, N]`` in ``compute_dtype`` (rows in the kernel's column order)."""
+        """``W^T [Kp, N]`` in ``compute_dtype`` (rows in the kernel's column order, outputs natural)."""
         v = decode_int4pack_cpu(self.packed, self.out_features, self.Kp, self.compute_dtype)
         v = v.view(-1, self.kgs, self.out_features)                    # [Gv, kgs, N]
-        sz = self.scales_zeros
-        return torch.addcmul(sz[:, None, :, 1], v, sz[:, None, :, 0]).view(self.Kp, self.out_features)
+        sz = self.scales_zeros if self.out_index is None else self.scales_zeros[:, self.out_index.long()]
+        s, z = sz[..., 0].contiguous(), sz[..., 1].contiguous()        # [Gv, N] each, contiguous: fast
+        return torch.addcmul(z[:, None], v, s[:, None]).view(self.Kp, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = self._inputs(x.reshape(-1, shape[-1]))                    # [M, Kp]
+        x2 = x.reshape(-1, shape[-1])                                  # [M, K]
         if x2.shape[0] <= self.max_m or not self.can_decode:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.kgs, self.scales_zeros)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._inputs(x2), self.packed, self.kgs,
+                                                           self.scales_zeros)   # [M, N] fed order
+            if self.out_index is not None:
+                y = y[:, self.out_index.long()]
+        elif self.src_index is None:                                   # no reorder: drop the padded rows
+            y = x2.to(self.compute_dtype) @ self.weight_t()[: self.in_features]
         else:
-            y = x2 @ self.weight_t()
+            y = self._inputs(x2) @ self.weight_t()
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 

@@ -71,9 +71,12 @@ def test_int4pack_decode_inverts_torch_packing(N):
     if not K_.int4pack_layout_ok(N):
         pytest.skip("this CPU packs int4 in another layout; the kernel falls back to the packed matmul")
     q = torch.randint(0, 16, (N, 256), generator=torch.Generator().manual_seed(N), dtype=torch.int32)
-    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    back = K_.decode_int4pack_cpu(p, N, 256, torch.float32) + 8
-    assert torch.equal(back.t().to(torch.int32), q)
+    order = K_.feed_order(N)
+    assert sorted(order.tolist()) == list(range(N))
+    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[order].contiguous(), 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        back = K_.decode_int4pack_cpu(p, N, 256, dtype).float() + 8
+        assert torch.equal(back.t().to(torch.int32), q)
 
 
 def _cases():
