@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmquant.core.qtensor import QuantizedWeight
-from llmquant.core.quant import choose_qparams, expand, mse_clip_search, per_group, qrange, block_minmax
+from llmquant.core.quant import block_minmax, choose_qparams, per_group, qrange
+from llmquant.core.quantizers import group_clip_search
 from llmquant.errors import InputError, NumericalError
 from llmquant.model.discovery import find_decoder_layers, find_linears, weight_matrix
 
@@ -134,11 +135,13 @@ class FakeQuantLinear(nn.Module):
                                sym=self.sym, bias=None if self.bias is None else self.bias.detach().clone())
 
 
-def rtn_init(W: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(scale [N, G], zero [N, G], g_idx [K])`` by round-to-nearest, optionally MSE-clipped."""
+def rtn_init(W: torch.Tensor, bits: int, group_size: int, sym: bool, mse: bool, grid: int = 10,
+             max_shrink: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scale [N, G], zero [N, G], g_idx [K])`` by round-to-nearest, optionally with the clip ratio
+    in ``[1 - max_shrink, 1]`` (``grid`` candidates) minimizing each group's squared error."""
     block = per_group(group_size)
     qmin, qmax = qrange(bits)
-    ratio = mse_clip_search(W, bits, sym, block, grid=20, max_shrink=0.5, norm=2.0) if mse else 1.0
+    ratio = group_clip_search(W, bits, sym, group_size, grid=grid, max_shrink=max_shrink) if mse else 1.0
     lo, hi = block_minmax(W, block)
     scale, zero = choose_qparams(lo * ratio, hi * ratio, qmin, qmax, sym)
     K = W.shape[1]

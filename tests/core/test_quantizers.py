@@ -100,3 +100,13 @@ def test_per_token_and_reports():
 def test_spec_validation(kw):
     with pytest.raises(ValueError):
         QuantSpec(**kw)
+
+
+@pytest.mark.parametrize("K,gs,sym", [(96, 32, False), (80, 32, True), (64, -1, False)])
+def test_group_clip_search_equals_trio_search(K, gs, sym):
+    from llmquant.core.quant import mse_clip_search, per_group
+    from llmquant.core.quantizers import group_clip_search
+    W = torch.randn(12, K, generator=torch.Generator().manual_seed(9))
+    ours = group_clip_search(W, 3, sym, gs, grid=15, max_shrink=0.5)
+    ref = mse_clip_search(W, 3, sym, per_group(gs), grid=15, max_shrink=0.5, norm=2.0)
+    assert torch.equal(ours, ref)
