@@ -55,11 +55,13 @@ def eval_cmd(
         sys.stdout.write(json.dumps({"ppl": r["ppl"], "windows": r["windows"], "tokens": r["tokens"]}) + "\n")
         sys.stdout.flush()
         return
-    t = Table(title=f"perplexity: {Path(model).name}")
-    for col in ("dataset", "seqlen", "windows", "tokens", "ppl", "kernel", "dtype", "seconds"):
-        t.add_column(col, justify="right")
-    t.add_row(str(r["dataset"]), str(r["seqlen"]), str(r["windows"]), str(r["tokens"]), f"{r['ppl']:.4f}",
-              r["kernel"], r["dtype"], f"{r['seconds']:.1f}")
+    t = Table(title=f"perplexity: {model}", show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value", overflow="fold")
+    for k, v in (("ppl", f"{r['ppl']:.4f}"), ("dataset", r["dataset"]), ("seqlen", r["seqlen"]),
+                 ("windows", r["windows"]), ("tokens", r["tokens"]), ("kernel", r["kernel"]),
+                 ("dtype", r["dtype"]), ("seconds", f"{r['seconds']:.1f}")):
+        t.add_row(k, str(v))
     console.print(t)
 
 
