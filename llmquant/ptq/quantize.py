@@ -82,26 +82,37 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, windows: torch.Tensor, cfg: PTQConfig, names: list[str],
-              progress: Progress | None = None) -> dict[str, dict]:
+              progress: Progress | None = None, observers: tuple[str, ...] | None = None) -> dict:
     """Run ``windows [n, seqlen]`` through the model and observe each target linear's input.
 
     Linear layers reading the same tensor (q/k/v, gate/up) share one observer.
-    Returns ``{name: {"scale": float, "amax": float, "threshold": float}}``.
+    Returns ``{name: {"scale", "threshold", "amax"}}`` for ``cfg.observer``; with ``observers``
+    (several names, one calibration pass for all) ``{observer: {name: {...}}}``.
     """
-    kw = {"percentile": cfg.percentile} if cfg.observer == "percentile" else {}
-    observers: dict[str, object] = {}
-    last: list = [None, None]            # (input tensor, observer) of the previous hook call
+    kinds = tuple(observers) if observers else (cfg.observer,)
+    for k in kinds:
+        if k not in OBSERVERS:
+            raise InputError(f"observer {k}: unknown; use one of {', '.join(OBSERVERS)}")
+
+    def new():
+        return {k: make_observer(k, bits=8, **({"percentile": cfg.percentile} if k == "percentile" else {}))
+                for k in kinds}
+
+    obs_of: dict[str, dict] = {}
+    last: list = [None, None]            # (input tensor, observers) of the previous hook call
 
     def hook(name):
         def fn(mod, inp):
             x = inp[0]
             if last[0] is x:
-                observers[name] = last[1]
+                obs_of[name] = last[1]
                 return
-            obs = observers.get(name)
+            obs = obs_of.get(name)
             if obs is None:
-                obs = observers[name] = make_observer(cfg.observer, bits=8, **kw)
-            obs.update(x.reshape(-1, x.shape[-1]))
+                obs = obs_of[name] = new()
+            x2 = x.detach().reshape(-1, x.shape[-1])
+            for o in obs.values():
+                o.update(x2)
             last[0], last[1] = x, obs
         return fn
 
@@ -116,30 +127,40 @@ def calibrate(model: nn.Module, windows: torch.Tensor, cfg: PTQConfig, names: li
     finally:
         for h in handles:
             h.remove()
-    out, done = {}, {}
+    result: dict[str, dict] = {k: {} for k in kinds}
+    done: dict[int, dict] = {}
     for n in names:
-        obs = observers.get(n)
-        if obs is None:
+        if n not in obs_of:
             raise InputError(f"layer {n} never ran during calibration; it cannot get a static activation scale")
-        if id(obs) not in done:
-            lo, hi = obs.range()
-            scale, _ = obs.qparams()
-            amax = getattr(obs, "amax", None)
-            amax = float(amax) if amax is not None else float(torch.maximum(lo.abs(), hi.abs()))
-            done[id(obs)] = {"scale": float(scale), "threshold": float(hi), "amax": amax}
-        out[n] = done[id(obs)]
-    return out
+        for k, obs in obs_of[n].items():
+            if id(obs) not in done:
+                lo, hi = obs.range()
+                scale, _ = obs.qparams()
+                amax = getattr(obs, "amax", None)
+                amax = float(amax) if amax is not None else float(torch.maximum(lo.abs(), hi.abs()))
+                done[id(obs)] = {"scale": float(scale), "threshold": float(hi), "amax": amax}
+            result[k][n] = done[id(obs)]
+    return result if observers else result[cfg.observer]
 
 
 @torch.no_grad()
 def quantize_w8a8(model: nn.Module, cfg: PTQConfig, windows: torch.Tensor | None = None,
-                  progress_calib: Progress | None = None, progress_layers: Progress | None = None) -> dict:
-    """Replace every decoder linear with a :class:`W8A8Linear` in place; return a JSON report."""
+                  progress_calib: Progress | None = None, progress_layers: Progress | None = None,
+                  act_scales: dict | None = None) -> dict:
+    """Replace every decoder linear with a :class:`W8A8Linear` in place; return a JSON report.
+
+    Static mode calibrates on ``windows``, unless ``act_scales`` (a :func:`calibrate` result for
+    this model) is given."""
     t0 = time.time()
     targets = target_linears(model)
     names = list(targets)
     act = {}
-    if cfg.mode == "static":
+    if cfg.mode == "static" and act_scales is not None:
+        missing = [n for n in names if n not in act_scales]
+        if missing:
+            raise InputError(f"act_scales has no entry for layer {missing[0]}; calibrate this model")
+        act = act_scales
+    elif cfg.mode == "static":
         if windows is None:
             raise InputError("static W8A8 needs calibration windows; pass --dataset")
         act = calibrate(model, windows, cfg, names, progress_calib)

@@ -135,3 +135,18 @@ def test_config_validation():
         PTQConfig(mode="weird")
     with pytest.raises(InputError):
         quantize_w8a8(tiny_model(), PTQConfig(mode="static"))
+
+
+def test_one_calibration_pass_for_several_observers():
+    model = tiny_model()
+    windows = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(4))
+    cfg = PTQConfig(mode="static", nsamples=3, seqlen=32)
+    from llmquant.ptq import calibrate
+    names = list(target_linears(model))
+    many = calibrate(model, windows, cfg, names, observers=("minmax", "kl"))
+    single = calibrate(model, windows, PTQConfig(mode="static", observer="kl"), names)
+    assert many["kl"] == single
+    assert all(many["kl"][n]["threshold"] <= many["minmax"][n]["threshold"] + 1e-6 for n in names)
+    m2 = tiny_model()
+    rep = quantize_w8a8(m2, PTQConfig(mode="static", observer="kl"), act_scales=many["kl"])
+    assert rep["layers"][0]["act_scale"] == single[names[0]]["scale"]
