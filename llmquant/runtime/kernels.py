@@ -307,15 +307,79 @@ class Int4CpuKernel(torch.nn.Module):
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
 
+class Int4CudaKernel(torch.nn.Module):
+    """PyTorch's CUDA int4 matmul (``torch._weight_int4pack_mm``, tinygemm) for every batch size.
+
+    Same math and column layout as :class:`Int4CpuKernel` (``W = (q - 8) * s + z`` per group,
+    columns reordered/padded into whole groups). The packed format is whatever
+    ``torch._convert_weight_to_int4pack`` makes of ``uint8 [N, Kp/2]`` (two codes per byte, even
+    column in the high nibble); :meth:`self_check` compares with float32 dequantization on random
+    inputs and :func:`make_int4_cuda` falls back to ``dequant`` if anything disagrees.
+    """
+
+    name = "int4"
+
+    def __init__(self, q_t, zeros, scales, g_idx, group_size: int, device: str):
+        super().__init__()
+        K, N = q_t.shape
+        G = scales.shape[0]
+        self.in_features, self.out_features = K, N
+        self.compute_dtype = torch.bfloat16
+        self.kgs = kgs = int4_group(group_size, K)
+        src, vgroup = int4_layout(g_idx, G, kgs)
+        self.Kp = Kp = src.numel()
+        identity = bool(torch.equal(src[:K], torch.arange(K))) and bool((src[K:] == K).all())
+        self.pad = Kp - K if identity else None
+        self.register_buffer("src_index", None if identity else src.to(torch.int32).to(device), persistent=False)
+        q_pad = torch.cat([q_t.to(torch.int32), torch.full((1, N), 8, dtype=torch.int32)])
+        codes = q_pad[src].t().contiguous()                            # [N, Kp]
+        u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8).to(device)   # [N, Kp/2]
+        inner = 8 if Kp % 128 == 0 else (4 if Kp % 64 == 0 else 2)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack(u8, inner), persistent=False)
+        s = scales.float()[vgroup]
+        z = (8 - zeros.float()[vgroup]) * s
+        self.register_buffer("scales_zeros", torch.stack([s, z], -1).to(torch.bfloat16).contiguous().to(device),
+                             persistent=False)
+
+    def _inputs(self, x):
+        x = x.to(torch.bfloat16)
+        if self.src_index is None:
+            return F.pad(x, (0, self.pad)) if self.pad else x
+        return F.pad(x, (0, 1))[:, self.src_index.long()]
+
+    def forward(self, x):
+        shape = x.shape
+        y = torch._weight_int4pack_mm(self._inputs(x.reshape(-1, shape[-1])), self.packed, self.kgs,
+                                      self.scales_zeros)
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+def make_int4_cuda(qweight, zeros, scales, g_idx, bits, group_size, device):
+    """:class:`Int4CudaKernel` if it runs and matches float32 dequantization here, else ``None``."""
+    K = g_idx.numel()
+    try:
+        q_t = unpack_qweight(qweight, bits, K)
+        k = Int4CudaKernel(q_t, zeros, scales, g_idx, group_size, device)
+        x = torch.randn(3, K, generator=torch.Generator().manual_seed(0)).to(device)
+        ref = x.float() @ dequantize_t(q_t, zeros, scales, g_idx).to(device)
+        err = (k(x).float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
+        return k if bool(err < 2e-2) else None
+    except (RuntimeError, AttributeError, TypeError):
+        return None
+
+
 # ----------------------------------------------------------------------------- choice
 
 def resolve_kernel(kernel: str, bits: int, out_features: int, device: str) -> str:
-    """The kernel a layer uses. ``auto``: int4 on CPU for 4-bit layers whose ``N`` is a multiple of
-    16, dequant otherwise (CUDA included). Forcing ``int4`` where it cannot run falls back to dequant."""
+    """The kernel a layer uses. ``auto``: int4 for 4-bit layers (CPU: when ``N`` is a multiple of
+    16; CUDA: when the layer passes :func:`make_int4_cuda`'s check), dequant otherwise. Forcing
+    ``int4`` where it cannot run falls back to dequant."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; use one of {', '.join(KERNELS)}")
     if kernel in ("reference", "dequant"):
         return kernel
-    if not str(device).startswith("cuda") and int4_cpu_supported(bits, out_features):
+    if str(device).startswith("cuda"):
+        return "int4" if bits == 4 and hasattr(torch, "_weight_int4pack_mm") else "dequant"
+    if int4_cpu_supported(bits, out_features):
         return "int4"
     return "dequant"

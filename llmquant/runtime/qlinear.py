@@ -68,11 +68,15 @@ class QuantLinear(torch.nn.Module):
                compute_dtype, max_m):
         N = scales.shape[1]
         choice = K_.resolve_kernel(kernel, bits, N, device)
-        if choice == "int4":
+        impl = None
+        if choice == "int4" and str(device).startswith("cuda"):
+            impl = K_.make_int4_cuda(qweight, zeros, scales, g_idx, bits, group_size, device)   # None: failed check
+            choice = "int4" if impl is not None else "dequant"
+        elif choice == "int4":
             q_t = K_.unpack_qweight(qweight, bits, K)                      # [K, N] transient
             impl = K_.Int4CpuKernel(q_t, zeros, scales.float(), g_idx, group_size,
                                     compute_dtype=compute_dtype or torch.bfloat16, max_m=max_m)
-        else:
+        if impl is None:
             kcls = K_.ReferenceKernel if choice == "reference" else K_.DequantKernel
             impl = kcls(qweight, zeros, scales, g_idx, bits).to(device)
         if bias is not None:
@@ -91,8 +95,8 @@ class QuantLinear(torch.nn.Module):
         """float32 ``W [N, K]`` as the kernel sees it (identity input through the layer)."""
         if isinstance(self.impl, K_.ReferenceKernel):
             return self.impl.weight_t().t().contiguous()
-        eye = torch.eye(self.in_features, dtype=torch.float32)
         impl = self.impl
+        eye = torch.eye(self.in_features, dtype=torch.float32, device=next(impl.buffers()).device)
         if isinstance(impl, K_.Int4CpuKernel):
             w_t = impl.weight_t().float()                               # [Kp, N] in kernel order
             out = torch.zeros(self.in_features + 1, self.out_features)
@@ -100,7 +104,7 @@ class QuantLinear(torch.nn.Module):
                    else impl.src_index.long())
             out.index_add_(0, src, w_t)
             return out[: self.in_features].t().contiguous()
-        return impl(eye).t().contiguous()
+        return impl(eye).float().cpu().t().contiguous()
 
     def weight_bytes(self) -> int:
         """Bytes of the resident quantized weight (packed codes, scales, zeros, index; no bias)."""

@@ -145,7 +145,7 @@ def test_auto_kernel_choice():
     assert K_.resolve_kernel("auto", 4, 64, "cpu") == "int4"
     assert K_.resolve_kernel("auto", 3, 64, "cpu") == "dequant"
     assert K_.resolve_kernel("auto", 4, 40, "cpu") == "dequant"      # N not a multiple of 16
-    assert K_.resolve_kernel("auto", 4, 64, "cuda") == "dequant"
+    assert K_.resolve_kernel("auto", 3, 64, "cuda") == "dequant"
     assert K_.resolve_kernel("reference", 4, 64, "cpu") == "reference"
     with pytest.raises(ValueError):
         K_.resolve_kernel("fast", 4, 64, "cpu")
@@ -186,3 +186,20 @@ def test_every_kernel_equals_reference_real_layers(bits, sym, act_order):
                 ql = QuantLinear.from_quantized(qw, kernel="int4", compute_dtype=torch.float32, max_m=max_m)
                 assert rel_err(ql(x), y_ref) < FP32_TOL, (name, max_m)
                 assert rel_err(QuantLinear.from_quantized(qw, kernel="int4", max_m=max_m)(x), y_ref) < BF16_TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cuda_kernels_equal_reference(bits, act_order):
+    for i, (N, K, gs) in enumerate(_cases()):
+        if bits == 3 and K % 32:
+            continue
+        qw = _layer(N, K, gs, bits, False, act_order, seed=i)
+        x = torch.randn(5, K, generator=torch.Generator().manual_seed(i))
+        y_ref = QuantLinear.from_quantized(qw, kernel="reference")(x)
+        for kernel in ("dequant", "auto"):
+            ql = QuantLinear.from_quantized(qw, kernel=kernel, device="cuda")
+            y = ql(x.cuda()).cpu()
+            tol = BF16_TOL if ql.kernel == "int4" else FP32_TOL
+            assert rel_err(y, y_ref) < tol, (kernel, ql.kernel, N, K, gs)
