@@ -282,13 +282,13 @@ class Int4CpuKernel(torch.nn.Module):
         x = x.to(self.compute_dtype)
         if self.src_index is None:
             return F.pad(x, (0, self.pad)) if self.pad else x
-        return F.pad(x, (0, 1))[:, self.src_index.long()]
+        return torch.index_select(F.pad(x, (0, 1)), 1, self.src_index)
 
     def weight_t(self) -> torch.Tensor:
         """``W^T [Kp, N]`` in ``compute_dtype`` (rows in the kernel's column order, outputs natural)."""
         v = decode_int4pack_cpu(self.packed, self.out_features, self.Kp, self.compute_dtype)
         v = v.view(-1, self.kgs, self.out_features)                    # [Gv, kgs, N]
-        sz = self.scales_zeros if self.out_index is None else self.scales_zeros[:, self.out_index.long()]
+        sz = self.scales_zeros if self.out_index is None else torch.index_select(self.scales_zeros, 1, self.out_index)
         s, z = sz[..., 0].contiguous(), sz[..., 1].contiguous()        # [Gv, N] each, contiguous: fast
         return torch.addcmul(z[:, None], v, s[:, None]).view(self.Kp, self.out_features)
 
@@ -299,7 +299,7 @@ class Int4CpuKernel(torch.nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._inputs(x2), self.packed, self.kgs,
                                                            self.scales_zeros)   # [M, N] fed order
             if self.out_index is not None:
-                y = y[:, self.out_index.long()]
+                y = torch.index_select(y, 1, self.out_index)           # int32 index: no conversion
         elif self.src_index is None:                                   # no reorder: drop the padded rows
             y = x2.to(self.compute_dtype) @ self.weight_t()[: self.in_features]
         else:
@@ -345,7 +345,7 @@ class Int4CudaKernel(torch.nn.Module):
         x = x.to(torch.bfloat16)
         if self.src_index is None:
             return F.pad(x, (0, self.pad)) if self.pad else x
-        return F.pad(x, (0, 1))[:, self.src_index.long()]
+        return torch.index_select(F.pad(x, (0, 1)), 1, self.src_index)
 
     def forward(self, x):
         shape = x.shape
