@@ -118,14 +118,49 @@ class GPTQ:
         self.H.mul_(self.nsamples / (self.nsamples + n))
         self.nsamples += n
         x = x * math.sqrt(2 / self.nsamples)
-        self.H.addmm_(x.t(), x)                                    # [K, n] @ [n, K]
+        add_gram_upper_(self.H, x)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """The full symmetric ``H [K, K]`` (only block rows on and above the diagonal are accumulated)."""
+        return symmetrize_upper(self.H)
 
     def quantize(
         self, W: torch.Tensor, args: QuantArgs, *, blocksize: int = 128, percdamp: float = 0.01,
         act_order: bool = False, static_groups: bool = False, max_damp_retries: int = 4,
     ) -> GPTQResult:
-        return gptq_quantize(W, self.H, args, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
+        return gptq_quantize(W, self.hessian, args, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
                              static_groups=static_groups, max_damp_retries=max_damp_retries)
+
+
+GRAM_BLOCKS = 4
+
+
+def add_gram_upper_(H: torch.Tensor, x: torch.Tensor) -> None:
+    """``H += x^T x`` for ``x [n, K]``, computing only the block rows on and above the diagonal.
+
+    ``H`` is symmetric, so its lower blocks are never computed: with 4 block rows this is 62.5% of the
+    multiply-adds of ``x^T x``. Entries below the diagonal blocks stay stale; read ``H`` through
+    :func:`symmetrize_upper`.
+    """
+    K = x.shape[1]
+    if K < 1024:
+        H.addmm_(x.t(), x)                                          # [K, n] @ [n, K]
+        return
+    bs = math.ceil(K / GRAM_BLOCKS)
+    for i in range(0, K, bs):
+        H[i:i + bs, i:].addmm_(x[:, i:i + bs].t(), x[:, i:])       # [bs, n] @ [n, K - i]
+
+
+def symmetrize_upper(H: torch.Tensor) -> torch.Tensor:
+    """Full matrix from the block-upper part written by :func:`add_gram_upper_`."""
+    K = H.shape[0]
+    if K < 1024:
+        return H
+    bs = math.ceil(K / GRAM_BLOCKS)
+    blk = torch.arange(K, device=H.device) // bs
+    upper = blk[:, None] <= blk[None, :]                            # block rows on/above the diagonal
+    return torch.where(upper, H, H.t())
 
 
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_retries: int = 4) -> tuple[torch.Tensor | None, float]:

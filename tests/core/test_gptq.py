@@ -155,3 +155,14 @@ def test_fast_rounding_equals_torch_round_after_clamp():
     assert torch.equal(quantize(x, s, z, 0, 15), ref)
     assert torch.equal(quantize(x.double(), s.double(), z.double(), -128, 127),
                        torch.clamp(torch.round(x.double() / s) + z, -128, 127).double())
+
+
+def test_blockwise_gram_equals_full_hessian():
+    torch.manual_seed(8)
+    X = torch.randn(3000, 1100)
+    gp = GPTQ(1100)
+    for chunk in X.split(700):
+        gp.add_batch(chunk)
+    ref = 2 / 3000 * X.double().T @ X.double()
+    assert torch.allclose(gp.hessian.double(), ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(gp.hessian, gp.hessian.T)
