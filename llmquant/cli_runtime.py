@@ -14,6 +14,15 @@ from llmquant.cli_app import app, console, user_errors
 from llmquant.errors import InputError
 
 KERNEL_HELP = "auto | reference | dequant | int4 (auto: int4 on CPU for 4-bit layers, dequant otherwise)"
+THREADS_HELP = "CPU threads for torch (0: torch's default); 1 is often faster on a machine shared with other jobs"
+
+
+def _set_threads(threads: int) -> None:
+    if threads < 0:
+        raise InputError(f"--threads {threads}: use 0 (default) or a positive count")
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
 
 
 def _progress() -> Progress:
@@ -37,9 +46,11 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:i]"),
     kernel: str = typer.Option("auto", "--kernel", help=KERNEL_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16 (activations, dense parts)"),
+    threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:
     """Perplexity of a dense or quantized model: text tokenized once, non-overlapping windows."""
     from llmquant.runtime.evaluate import evaluate_checkpoint
+    _set_threads(threads)
     if not ppl:
         raise InputError("nothing to evaluate: pass --ppl")
     console.print(f"loading {model}")
@@ -77,8 +88,10 @@ def generate_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:i]"),
     kernel: str = typer.Option("auto", "--kernel", help=KERNEL_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:
     """Stream a continuation of --prompt to stdout; prefill and decode tokens/s go to stderr."""
+    _set_threads(threads)
     from llmquant.runtime.evaluate import load_tokenizer_for
     from llmquant.runtime.generate import generate_stream
     from llmquant.runtime.loader import load

@@ -52,7 +52,7 @@ def test_eval_table_and_kernel_flag(ckpt, text):
 
 
 def test_generate_streams_and_reports_speed(ckpt):
-    r = runner.invoke(app, ["generate", "--model", str(ckpt), "--prompt", "the cat", "--max-new-tokens", "6",
+    r = runner.invoke(app, ["generate", "--model", str(ckpt), "--prompt", "the cat", "--max-new-tokens", "6", "--threads", "1",
                             "--device", "cpu"])
     assert r.exit_code == 0, r.stderr
     assert "prefill:" in r.stderr and "decode:" in r.stderr and "tok/s" in r.stderr
