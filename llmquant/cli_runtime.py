@@ -1,6 +1,7 @@
 """``llmquant eval | generate | inspect``: measure and run dense models and quantized checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -17,12 +18,19 @@ KERNEL_HELP = "auto | reference | dequant | int4 (auto: int4 on CPU for 4-bit la
 THREADS_HELP = "CPU threads for torch (0: torch's default); 1 is often faster on a machine shared with other jobs"
 
 
-def _set_threads(threads: int) -> None:
+@contextlib.contextmanager
+def _threads(threads: int):
+    """Run with ``threads`` torch threads (0: leave as is), restoring the previous count."""
     if threads < 0:
         raise InputError(f"--threads {threads}: use 0 (default) or a positive count")
+    import torch
+    before = torch.get_num_threads()
     if threads:
-        import torch
         torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _progress() -> Progress:
@@ -50,11 +58,10 @@ def eval_cmd(
 ) -> None:
     """Perplexity of a dense or quantized model: text tokenized once, non-overlapping windows."""
     from llmquant.runtime.evaluate import evaluate_checkpoint
-    _set_threads(threads)
     if not ppl:
         raise InputError("nothing to evaluate: pass --ppl")
     console.print(f"loading {model}")
-    with _progress() as prog:
+    with _threads(threads), _progress() as prog:
         task = prog.add_task("perplexity", total=None)
 
         def on_step(done: int, total: int) -> None:
@@ -91,20 +98,20 @@ def generate_cmd(
     threads: int = typer.Option(0, "--threads", help=THREADS_HELP),
 ) -> None:
     """Stream a continuation of --prompt to stdout; prefill and decode tokens/s go to stderr."""
-    _set_threads(threads)
     from llmquant.runtime.evaluate import load_tokenizer_for
     from llmquant.runtime.generate import generate_stream
     from llmquant.runtime.loader import load
-    tok = load_tokenizer_for(model)
-    with console.status(f"loading {model}"):
-        m = load(model, device=device, dtype=dtype, kernel=kernel)
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    r = generate_stream(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, on_text=emit,
-                        chat=chat, seed=seed)
+    with _threads(threads):
+        tok = load_tokenizer_for(model)
+        with console.status(f"loading {model}"):
+            m = load(model, device=device, dtype=dtype, kernel=kernel)
+        r = generate_stream(m, tok, prompt, max_new_tokens=max_new_tokens, temperature=temperature, on_text=emit,
+                            chat=chat, seed=seed)
     sys.stdout.write("\n")
     sys.stdout.flush()
     console.print(f"prefill: {r['prompt_tokens']} tokens in {r['prefill_s']:.3f} s ({r['prefill_tok_s']:.1f} tok/s); "

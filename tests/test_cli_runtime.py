@@ -89,3 +89,14 @@ def test_truncated_checkpoint_cli(tmp_path, text):
     f.write_bytes(f.read_bytes()[:-777])
     r = runner.invoke(app, ["eval", "--model", str(d), "--ppl", "--dataset", str(text), "--seqlen", "64"])
     assert r.exit_code == 2 and "model.safetensors" in r.stderr.replace("\n", "") and "Traceback" not in r.stderr
+
+
+def test_threads_flag_is_restored(ckpt):
+    import torch
+    before = torch.get_num_threads()
+    r = runner.invoke(app, ["generate", "--model", str(ckpt), "--prompt", "a", "--max-new-tokens", "2",
+                            "--threads", "1"])
+    assert r.exit_code == 0, r.stderr
+    assert torch.get_num_threads() == before
+    r = runner.invoke(app, ["generate", "--model", str(ckpt), "--prompt", "a", "--threads", "-1"])
+    assert r.exit_code == 2 and "--threads" in r.stderr
