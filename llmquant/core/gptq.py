@@ -35,7 +35,7 @@ class QuantArgs:
     group_size: int = 128           # -1: one group per output row
     sym: bool = False
     mse: bool = False               # search a clipping ratio per group (MSE, norm 2.4)
-    mse_grid: int = 80
+    mse_grid: int = 20
     mse_max_shrink: float = 0.2
     fp16_scales: bool = True        # round scales to float16 as they are stored on disk
 

@@ -188,28 +188,35 @@ def mse_clip_search(
     grid: int = 80, max_shrink: float = 0.8, norm: float = 2.4,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-block clip ratio in ``[1 - max_shrink, 1]`` minimizing ``sum w * |x - fq(x)|^norm``.
+    """Per-block clip ratio in ``(1 - max_shrink, 1]`` minimizing ``sum w * |x - fq(x)|^norm``.
 
-    Tries ``grid`` evenly spaced ratios (the search GPTQ's reference quantizer does with
-    ``mse=True``); ``weight`` (broadcastable to ``x``), e.g. the Hessian diagonal per column, weighs
-    the error of each element. Returns ``ratio [nr, nc]``.
+    Tries ``grid`` evenly spaced ratios ``1 - max_shrink * i / grid`` (the search GPTQ's reference
+    quantizer does with ``mse=True``); ``weight`` (broadcastable to ``x``), e.g. the Hessian diagonal
+    per column, weighs the error of each element. Returns ``ratio [nr, nc]``.
+
+    Works on a ``[nr, r, nc, c]`` view of ``x`` (zero-padded: a zero quantizes exactly, so padding adds
+    no error) with per-block parameters broadcast as ``[nr, 1, nc, 1]``.
     """
     qmin, qmax = qrange(bits, signed=signed, restricted=signed and symmetric)
-    lo, hi = block_minmax(x, block)
-    best = torch.full_like(lo, float("inf"))
-    ratio = torch.ones_like(lo)
+    lo, hi = block_minmax(x, block)                                  # [nr, nc]
     R, K = x.shape
     r, c = _resolve(block, x.shape)
     nr, nc = lo.shape
     pad = (0, nc * c - K, 0, nr * r - R)
+    xv = torch.nn.functional.pad(x, pad).reshape(nr, r, nc, c)      # [nr, r, nc, c]
+    wv = None
+    if weight is not None:
+        wv = torch.nn.functional.pad(torch.broadcast_to(weight, x.shape), pad).reshape(nr, r, nc, c)
+    lo4, hi4 = lo[:, None, :, None], hi[:, None, :, None]           # [nr, 1, nc, 1]
+    best = torch.full_like(lo, float("inf"))
+    ratio = torch.ones_like(lo)
     for i in range(grid):
         p = 1 - max_shrink * i / grid
-        scale, zero = choose_qparams(lo * p, hi * p, qmin, qmax, symmetric)
-        err = (fake_quantize(x, expand(scale, block, x.shape), expand(zero, block, x.shape), qmin, qmax) - x)
-        err = err.abs().pow(norm)
-        if weight is not None:
-            err = err * weight
-        err = torch.nn.functional.pad(err, pad).reshape(nr, r, nc, c).sum(dim=(1, 3))
+        scale, zero = choose_qparams(lo4 * p, hi4 * p, qmin, qmax, symmetric)
+        err = (fake_quantize(xv, scale, zero, qmin, qmax) - xv).abs_().pow_(norm)
+        if wv is not None:
+            err.mul_(wv)
+        err = err.sum(dim=(1, 3))                                    # [nr, nc]
         better = err < best
         best = torch.where(better, err, best)
         ratio = torch.where(better, torch.full_like(ratio, p), ratio)
