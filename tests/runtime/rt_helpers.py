@@ -89,7 +89,10 @@ def dense_from_checkpoint(path: Path, dtype=torch.float32):
     state = {k: v.to(dtype) for k, v in tensors.items()
              if not k.endswith((".qweight", ".qzeros", ".scales", ".g_idx"))}
     for name, qw in qws.items():
-        state[f"{name}.weight"] = qw.dequantize(dtype)
+        w = qw.dequantize(dtype)                                      # [out, in]
+        if type(model.get_submodule(name)).__name__ == "Conv1D":     # GPT-2 stores [in, out]
+            w = w.t().contiguous()
+        state[f"{name}.weight"] = w
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     model.tie_weights()

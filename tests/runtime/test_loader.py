@@ -214,3 +214,22 @@ def test_quantlinear_replaces_only_quantized_layers(tmp_path):
     assert isinstance(m.lm_head, torch.nn.Linear)
     assert m.lm_head.weight.data_ptr() == m.model.embed_tokens.weight.data_ptr()     # tied
     assert not any(p.is_meta for p in m.parameters())
+
+
+def test_gpt2_conv1d_checkpoint(tmp_path):
+    """GPT-2 keeps its linears as Conv1D ([in, out] weights): they are replaced all the same."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from llmquant.checkpoint import save_gptq_checkpoint
+    from rt_helpers import rtn
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64,
+                                       eos_token_id=0, bos_token_id=0)).eval()
+    qd = {n: rtn(m.weight.detach().t(), 4, False, 32, bias=m.bias.detach().clone())
+          for n, m in model.named_modules() if n.endswith(("c_attn", "c_proj", "c_fc"))}
+    d = tmp_path / "gpt2"
+    save_gptq_checkpoint(model, qd, d, quant_config=dict(bits=4, group_size=32, sym=False, desc_act=False))
+    ids = IDS[:, :20]
+    ref = logits(dense_from_checkpoint(d), ids)
+    m = load(d, device="cpu", dtype="float32", kernel="dequant")
+    assert len(quant_linears(m)) == 8
+    assert rel(logits(m, ids), ref) < 1e-5
