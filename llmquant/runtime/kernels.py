@@ -15,7 +15,15 @@ int4 (CPU)    ``aten._convert_weight_to_int4pack_for  ``M <= max_m`` rows: ``_we
               _cpu`` bytes ``[N, Kp/2]`` uint8 +       more rows (prefill): decode the packed bytes to
               scales/zeros ``[Gv, N, 2]``             bf16 (byte transpose + 256-entry pair table, see
                                                        :func:`feed_order`), scale, one bf16 matmul
+int4 (CUDA)   ``torch._convert_weight_to_int4pack``    ``torch._weight_int4pack_mm`` for every batch;
+              bytes + bf16 scales/zeros                checked against dequantization at load, else
+                                                       the layer falls back to ``dequant``
 ============  ======================================  ==============================================
+
+``auto`` picks ``int4`` for 4-bit layers (CPU: ``N`` a multiple of 16) and ``dequant`` otherwise.
+``M <= max_m`` (default :data:`DEFAULT_INT4_MAX_M`, env ``LLMQUANT_INT4_MAX_M``) selects the packed
+CPU kernel; the activations/scales inside int4 kernels are bfloat16 (tests: relative error < 2e-2
+against the float32 reference; the float32 CPU variant, used by tests, < 1e-5).
 
 The torch int4 kernel computes ``W = (q - 8) * s + z`` per group, so our ``(q - zero) * scale``
 becomes ``s = scale`` and ``z = (8 - zero) * scale``. It needs groups of 32/64/128/256 whole,
