@@ -85,7 +85,7 @@ class QuantLinear(torch.nn.Module):
 
     # ------------------------------------------------------------------ use
     def forward(self, x: torch.Tensor) -> torch.Tensor:               # [..., K] -> [..., N]
-        y = self.impl(x)
+        y = self.impl.forward(x)                                     # no hooks on the inner kernel
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
