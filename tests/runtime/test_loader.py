@@ -233,3 +233,16 @@ def test_gpt2_conv1d_checkpoint(tmp_path):
     m = load(d, device="cpu", dtype="float32", kernel="dequant")
     assert len(quant_linears(m)) == 8
     assert rel(logits(m, ids), ref) < 1e-5
+
+
+def test_quantized_lm_head_unties(tmp_path):
+    from llmquant.checkpoint import save_gptq_checkpoint
+    from rt_helpers import quantize_linears, rtn
+    model = tiny_llama(tie=True)
+    qd = quantize_linears(model)
+    qd["lm_head"] = rtn(model.lm_head.weight.detach(), 4, False, 32)
+    d = tmp_path / "lm"
+    save_gptq_checkpoint(model, qd, d, quant_config=dict(bits=4, group_size=32, sym=False, desc_act=False))
+    m = load(d, device="cpu", dtype="float32", kernel="dequant")
+    assert isinstance(m.lm_head, QuantLinear) and len(quant_linears(m)) == 15
+    assert rel(logits(m), logits(dense_from_checkpoint(d))) < 1e-5
