@@ -211,7 +211,7 @@ def qat_cmd(
     act_bits: int = typer.Option(0, "--act-bits", help="Fake-quantize linear inputs per token to this many bits (0: off)."),
     init: str = typer.Option("rtn", "--init", help="rtn (MSE-clipped round to nearest) or gptq (from --init-from)."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="GPTQ checkpoint of this model, for --init gptq."),
-    mse_init: bool = typer.Option(True, "--mse-init/--no-mse-init", help="Search clip ratios for the RTN init."),
+    mse_init: bool = typer.Option(False, "--mse-init/--no-mse-init", help="Search MSE clip ratios for the RTN init (off: min-max RTN)."),
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="Train under bfloat16 autocast (much faster on CPU)."),
     dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="c4, wikitext2 or a .txt/.raw/.jsonl/.parquet file."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampler and of the data order."),

@@ -109,3 +109,24 @@ def test_activation_fake_quant_and_validation():
     for kw in [dict(bits=5), dict(group_size=0), dict(init="awq"), dict(kd_weight=2.0), dict(act_bits=2)]:
         with pytest.raises(InputError):
             Q.QATConfig(**kw)
+
+
+@pytest.mark.parametrize("K,gs,perm", [(96, 32, False), (80, 32, False), (64, 16, True)])
+def test_fused_fake_quant_matches_autograd_reference(K, gs, perm):
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(6, K, generator=g)
+    scale, zero, g_idx = Q.rtn_init(W, 3, gs, False, mse=False)
+    if perm:                       # act-order style: groups follow a permutation of the columns
+        g_idx = g_idx[torch.randperm(K, generator=g)]
+    scale = scale * 0.7            # force some codes into the clamp
+    m = Q.FakeQuantLinear(W, None, scale, zero, g_idx, 3, gs, False)
+    out = m.quantized_weight()
+    up = torch.randn(out.shape, generator=g)
+    (out * up).sum().backward()
+    w = W.clone().requires_grad_(True)
+    s = scale.clone().requires_grad_(True)
+    ref = Q.fake_quant_ste(w, s[:, g_idx], zero[:, g_idx], 0, 7)
+    (ref * up).sum().backward()
+    assert torch.allclose(out, ref)
+    assert torch.allclose(m.weight.grad, w.grad)
+    assert torch.allclose(m.scale.grad, s.grad, atol=1e-5)
