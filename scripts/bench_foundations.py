@@ -140,7 +140,7 @@ def part_speed(args, model, out: Path) -> None:
         variants[f"w8a8 dynamic ({backend})"] = m
     res = {"machine": machine(), "repeats": args.repeats, "results": {}}
     g = torch.Generator().manual_seed(0)
-    for T in (128, 512, 2048):
+    for T in [int(v) for v in args.lengths.split(",")]:
         x = torch.randint(0, 49152, (1, T), generator=g)
         times = {k: [] for k in variants}
         with torch.inference_mode():
@@ -278,6 +278,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--lengths", default="128,512,2048", help="prompt lengths of the speed part")
     ap.add_argument("--qat-bits", type=int, default=3)
     ap.add_argument("--qat-args", default="", help="extra flags for llmquant qat (default: none, i.e. default steps)")
     ap.add_argument("--out", default=str(REPO / "runs" / "foundations"))
