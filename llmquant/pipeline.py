@@ -31,6 +31,7 @@ class GPTQSettings:
     act_order: bool = False
     static_groups: bool = False
     compute_dtype: torch.dtype | None = None   # autocast dtype for the forward passes (None: model dtype)
+    cache_budget_bytes: int = 4 << 30          # outputs of finished sub-modules kept to skip recomputation
 
 
 @dataclass
@@ -222,37 +223,33 @@ def quantize_model(
         kws = [layer_kws[i][x.shape[0]] for x in inps]
         groups = trace_groups(layer, (inps[0],), kws[0])
         linears = find_linears(layer)
+        runner = StageRunner(layer, linears, settings.cache_budget_bytes)
         for group in groups:
             first = linears[group.first]
             K = weight_matrix(first).shape[1]
             gp = GPTQ(K, device=device)
 
             def hook(mod, inp, gp=gp):
-                x = inp[0]
-                gp.add_batch(x)
+                gp.add_batch(inp[0])
                 raise StopForward
 
             h = first.register_forward_pre_hook(hook)
             try:
-                for x, kw in zip(inps, kws):
-                    try:
-                        with _autocast(device, settings.compute_dtype):
-                            layer(x, **kw)
-                    except StopForward:
-                        pass
+                runner.run(inps, kws, lambda: _autocast(device, settings.compute_dtype))
             finally:
                 h.remove()
             if not torch.isfinite(gp.H).all():
                 raise NumericalError(f"NaN/Inf activations entering {prefix}.{i}.{group.first}; "
                                      "load the model in float32 (--dtype float32) or check its weights")
             _quantize_group(prefix, i, group.names, linears, gp, settings, result, ntokens, device)
+            runner.mark_quantized(group.names)
             del gp
         outs = []
-        for x, kw in zip(inps, kws):
-            with _autocast(device, settings.compute_dtype):
-                y = _first(layer(x, **kw))
+        for x, y in zip(inps, runner.run(inps, kws, lambda: _autocast(device, settings.compute_dtype))):
+            y = _first(y)
             _check_finite(y, f"the output of {prefix}.{i}")
             outs.append(y.to(x.dtype) if y.dtype != x.dtype else y)
+        del runner
         if device != "cpu":
             layer.to("cpu")
         inps = outs
@@ -260,6 +257,80 @@ def quantize_model(
         if on_step:
             on_step(f"layer {i}", i + 1, n_layers)
     return result
+
+
+class StageRunner:
+    """Runs one decoder layer over every calibration batch, again for each true-sequential stage,
+    without recomputing what earlier stages already settled.
+
+    A *unit* is a linear layer or a direct child of the layer that holds linear layers (the attention
+    block, the MLP). Once every linear layer inside a unit is quantized, the unit's output is final:
+    the next pass that runs it whole records that output per batch, and later passes replace the
+    unit's forward with the recorded value. So each linear layer and each attention computes about
+    once per stage that needs it, instead of once per stage after it (q/k/v run once, not four times).
+    Outputs are bitwise those the unit would compute again (same inputs, same weights). Units called
+    other than once per forward, or beyond ``budget`` bytes of cache, are simply recomputed.
+    """
+
+    def __init__(self, layer: nn.Module, linears: dict[str, nn.Module], budget: int):
+        self.layer = layer
+        self.units: dict[str, nn.Module] = {n: m for n, m in layer.named_children()
+                                            if any(k.startswith(n + ".") for k in linears)}
+        self.units.update(linears)
+        self.inside = {n: {k for k in linears if k == n or k.startswith(n + ".")} for n in self.units}
+        self.quantized: set[str] = set()
+        self.cache: dict[str, list] = {}
+        self.budget = budget
+        self.cached_bytes = 0
+
+    def mark_quantized(self, names) -> None:
+        self.quantized.update(names)
+
+    def _covered(self, name: str) -> bool:
+        """Inside a unit that is already replaced by its recorded output (so it never runs)."""
+        return any(name.startswith(c + ".") for c in self.cache)
+
+    def run(self, inps: list[torch.Tensor], kws: list[dict], ctx) -> list:
+        ready = [n for n in self.units if n not in self.cache and self.inside[n] <= self.quantized
+                 and not self._covered(n)]
+        recorded: dict[str, list[list]] = {n: [[] for _ in inps] for n in ready}
+        outs = []
+        for b, (x, kw) in enumerate(zip(inps, kws)):
+            handles = []
+            for n in ready:
+                handles.append(self.units[n].register_forward_hook(
+                    lambda mod, a, o, n=n, b=b: recorded[n][b].append(o)))
+            for n, values in self.cache.items():
+                self.units[n].forward = (lambda *a, _v=values[b], **k: _v)
+            try:
+                with ctx():
+                    outs.append(self.layer(x, **kw))
+            except StopForward:
+                outs.append(None)
+            finally:
+                for h in handles:
+                    h.remove()
+                for n in self.cache:
+                    del self.units[n].forward
+        for n in ready:
+            calls = recorded[n]
+            if all(len(c) == 1 for c in calls):
+                size = sum(_nbytes(c[0]) for c in calls)
+                if self.cached_bytes + size <= self.budget:
+                    self.cache[n] = [c[0] for c in calls]
+                    self.cached_bytes += size
+        # a unit inside a replaced unit never runs again: drop its recording
+        for n in [n for n in self.cache if self._covered(n)]:
+            self.cached_bytes -= sum(_nbytes(v) for v in self.cache.pop(n))
+        return outs
+
+
+def _nbytes(o) -> int:
+    if isinstance(o, torch.Tensor):
+        return o.numel() * o.element_size()
+    if isinstance(o, (tuple, list)):
+        return sum(_nbytes(v) for v in o)
+    return 0
 
 
 def _to_cpu(qw: QuantizedWeight, m: nn.Module) -> QuantizedWeight:

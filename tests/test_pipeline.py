@@ -100,3 +100,38 @@ def test_bits3_needs_multiple_of_32():
                                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4))
     with pytest.raises(InputError, match=r"model\.layers\.0\.self_attn\.q_proj.*multiples of 32"):
         quantize_model(m, calib(2), GPTQSettings(QuantArgs(bits=3, group_size=-1)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "phi3"])
+def test_stage_cache_changes_nothing(arch):
+    """Replaying finished sub-modules gives bit-identical results to recomputing them."""
+    ids = calib(6)
+    outs = []
+    for budget in (0, 4 << 30):
+        model = tiny.tiny_model(arch)
+        settings = GPTQSettings(QuantArgs(bits=4, group_size=32), act_order=True, cache_budget_bytes=budget)
+        res = quantize_model(model, ids, settings, batch_size=2)
+        with torch.no_grad():
+            outs.append((model(ids).logits, {k: v.q for k, v in res.quantized.items()}))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert outs[0][1].keys() == outs[1][1].keys()
+    assert all(torch.equal(outs[0][1][k], outs[1][1][k]) for k in outs[0][1])
+
+
+def test_stage_cache_skips_recomputation():
+    from llmquant.pipeline import StageRunner
+    model = tiny.tiny_model("llama")
+    layer = model.model.layers[0]
+    calls = {}
+    for n, m in layer.named_modules():
+        if n:
+            m.register_forward_hook(lambda mod, a, o, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+    inps, kws = capture_layer_inputs(model, [calib(2)], "cpu", None)
+    linears = find_linears(layer)
+    r = StageRunner(layer, linears, 1 << 30)
+    import contextlib
+    r.mark_quantized(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"])
+    r.run(inps, [kws[0][2]], contextlib.nullcontext)          # records self_attn
+    calls.clear()
+    r.run(inps, [kws[0][2]], contextlib.nullcontext)          # replays it
+    assert "self_attn.q_proj" not in calls and "self_attn" in calls and calls["mlp.down_proj"] == 1

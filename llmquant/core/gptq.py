@@ -17,6 +17,7 @@ use exactly the same quantizer.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -163,6 +164,19 @@ def symmetrize_upper(H: torch.Tensor) -> torch.Tensor:
     return torch.where(upper, H, H.t())
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Run tiny per-column ops on one thread: on CPU, intra-op parallelism for vectors of a few
+    thousand elements costs more than it saves (measured: a rank-1 update of a [960, 123] block takes
+    0.12 ms on one thread and up to 24 ms on two when the other core is busy)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float, max_retries: int = 4) -> tuple[torch.Tensor | None, float]:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``.
 
@@ -249,23 +263,9 @@ def gptq_quantize(
         Err1 = torch.zeros_like(W1)
         Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]                                  # [B, B]
-        for i in range(count):
-            col = i1 + i
-            w = W1[:, i]                                            # [N]
-            d = Hinv1[i, i]
-            g = int(col_group[col])
-            if static is None and col % G == 0:
-                visit_cols = slice(i, i + G)
-                s, z = fit_qparams(W1[:, visit_cols], args,
-                                   (hdiag if perm is None else hdiag[perm])[col:col + G])
-                scales[:, g:g + 1], zeros[:, g:g + 1] = s, z
-            s, z = scales[:, g], zeros[:, g]
-            q = fake_quantize(w, s, z, qmin, qmax)
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d ** 2
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
+        with single_thread():
+            _quantize_block(W1, Q1, Err1, Losses1, Hinv1, i1, count, G, static, col_group, scales, zeros,
+                            args, hdiag if perm is None else hdiag[perm])
         Q[:, i1:i2] = Q1
         Losses[:, i1:i2] = Losses1 / 2
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
@@ -280,3 +280,22 @@ def gptq_quantize(
     qw = QuantizedWeight(q.to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32),
                          args.bits, args.group_size, args.sym)
     return GPTQResult(qw, Q, Losses.sum(1), damp, dead=int(dead.sum()))
+
+
+def _quantize_block(W1, Q1, Err1, Losses1, Hinv1, i1, count, G, static, col_group, scales, zeros, args, hdiag):
+    """The column loop of one lazy-batch block (in place on ``W1 [N, B]``, ``Q1``, ``Err1``, ``Losses1``)."""
+    qmin, qmax = args.qmin_qmax
+    for i in range(count):
+        col = i1 + i
+        w = W1[:, i]                                                # [N]
+        d = Hinv1[i, i]
+        g = int(col_group[col])
+        if static is None and col % G == 0:
+            s, z = fit_qparams(W1[:, i:i + G], args, hdiag[col:col + G])
+            scales[:, g:g + 1], zeros[:, g:g + 1] = s, z
+        q = fake_quantize(w, scales[:, g], zeros[:, g], qmin, qmax)
+        Q1[:, i] = q
+        Losses1[:, i] = (w - q) ** 2 / d ** 2
+        err1 = (w - q) / d
+        W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+        Err1[:, i] = err1
