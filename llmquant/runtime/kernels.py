@@ -209,37 +209,21 @@ def feed_order(N: int) -> torch.Tensor:
     return torch.cat([order, torch.arange(NB * 64, N)])
 
 
-_QUAD_CACHE: dict[torch.dtype, torch.Tensor] = {}
-
-
-def _quad_lut(dtype: torch.dtype) -> torch.Tensor:
-    """``[65536]`` int64, each holding the four 2-byte ``dtype`` values (nibble - 8) of a
-    little-endian 16-bit word: one lookup decodes two bytes (used for bf16/fp16)."""
-    if dtype not in _QUAD_CACHE:
-        w = torch.arange(65536)
-        quads = torch.stack([((w >> s) & 15) - 8 for s in (0, 4, 8, 12)], -1).to(dtype).contiguous()
-        _QUAD_CACHE[dtype] = quads.view(torch.int64).reshape(65536)
-    return _QUAD_CACHE[dtype]
-
-
 def decode_int4pack_cpu(packed: torch.Tensor, N: int, Kp: int, dtype=torch.bfloat16) -> torch.Tensor:
     """Bytes of ``_convert_weight_to_int4pack_for_cpu(codes[feed_order(N)])`` -> ``(q - 8)^T
     [Kp, N]`` in ``dtype``, outputs in natural order. :func:`int4pack_layout_ok` checks the CPU's
-    layout before this is used."""
+    layout before this is used. (A 65536-entry table decoding two bytes per lookup was no faster
+    inside the model: the table competes for cache with the weights.)"""
+    lut = _pair_lut(dtype)
     flat = packed.reshape(-1)
     NB, t = divmod(N, 64)
     parts = []
     if NB:
-        full = flat[: NB * Kp * 32].view(NB, Kp, 32).transpose(0, 1)   # [Kp, NB, 32] (strided)
-        if dtype.itemsize == 2 and hasattr(torch, "uint16"):
-            words = full.contiguous().view(torch.uint16).to(torch.int32)            # [Kp, NB, 16]
-            parts.append(torch.index_select(_quad_lut(dtype), 0, words.reshape(-1)).view(dtype).view(Kp, NB * 64))
-        else:
-            idx = full.to(torch.int32).reshape(-1)
-            parts.append(torch.index_select(_pair_lut(dtype), 0, idx).view(dtype).view(Kp, NB * 64))
+        full = flat[: NB * Kp * 32].view(NB, Kp, 32).transpose(0, 1).to(torch.int32)   # [Kp, NB, 32]
+        parts.append(torch.index_select(lut, 0, full.reshape(-1)).view(dtype).view(Kp, NB * 64))
     if t:
         tail = flat[NB * Kp * 32:].to(torch.int32)                      # [Kp * t/2]
-        parts.append(torch.index_select(_pair_lut(dtype), 0, tail).view(dtype).view(Kp, t))
+        parts.append(torch.index_select(lut, 0, tail).view(dtype).view(Kp, t))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
