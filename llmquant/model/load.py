@@ -1,6 +1,9 @@
 """Load a Hugging Face causal LM from a Hub id, a local directory or a .gguf file."""
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +77,49 @@ def resolve_device(device: str) -> str:
     raise InputError(f"--device {device}: unknown; use auto, cpu or cuda")
 
 
+_GGUF_META_CACHE: dict[tuple, dict] = {}
+
+
+@contextlib.contextmanager
+def gguf_parse_once():
+    """Parse a .gguf file's metadata once per process instead of once per transformers call.
+
+    transformers reads the whole GGUF metadata (tokenizer vocabulary included) separately for the
+    config, the tokenizer config and the model, and rebuilds gguf's tensor-name table for every
+    module it maps; on SmolLM2 that is most of the load time. Within this context both are memoized:
+    metadata per (file, size, mtime), name tables per (architecture, block count). Results are the
+    same objects transformers would compute; nothing is cached across processes.
+    """
+    patches = []
+    try:
+        import gguf
+        import transformers.modeling_gguf_pytorch_utils as mgu
+    except ImportError:
+        yield
+        return
+    orig_load = getattr(mgu, "load_gguf_checkpoint", None)
+    orig_map = getattr(gguf, "get_tensor_name_map", None)
+    if orig_load is not None:
+        def load(path, return_tensors=False, *args, **kwargs):
+            if return_tensors or args or kwargs:
+                return orig_load(path, return_tensors, *args, **kwargs)
+            st = os.stat(path)
+            key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+            if key not in _GGUF_META_CACHE:
+                _GGUF_META_CACHE[key] = orig_load(path, return_tensors=False)
+            return copy.deepcopy(_GGUF_META_CACHE[key])
+        mgu.load_gguf_checkpoint = load
+        patches.append((mgu, "load_gguf_checkpoint", orig_load))
+    if orig_map is not None:
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(orig_map)
+        patches.append((gguf, "get_tensor_name_map", orig_map))
+    try:
+        yield
+    finally:
+        for mod, name, orig in patches:
+            setattr(mod, name, orig)
+
+
 def _hub_kwargs(source: ModelSource, trust_remote_code: bool) -> dict:
     kw: dict = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
@@ -86,7 +132,8 @@ def _hub_kwargs(source: ModelSource, trust_remote_code: bool) -> dict:
 def load_config(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoConfig
     try:
-        return AutoConfig.from_pretrained(source.path, **_hub_kwargs(source, trust_remote_code))
+        with gguf_parse_once():
+            return AutoConfig.from_pretrained(source.path, **_hub_kwargs(source, trust_remote_code))
     except (OSError, ValueError) as e:
         if source.kind == "hub":
             raise InputError(f"--model {source.path}: not a local path and not found in the Hugging Face cache "
@@ -97,7 +144,8 @@ def load_config(source: ModelSource, trust_remote_code: bool = False):
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(source.path, **_hub_kwargs(source, trust_remote_code))
+        with gguf_parse_once():
+            return AutoTokenizer.from_pretrained(source.path, **_hub_kwargs(source, trust_remote_code))
     except (OSError, ValueError, TypeError) as e:
         raise InputError(f"--model {source.display}: cannot load its tokenizer ({_first_line(e)}); "
                          "the model directory needs tokenizer files") from None
@@ -113,8 +161,9 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype, trust_remote_code: b
         raise InputError(f"--model {source.display}: model type '{config.model_type}' is not a causal language model; "
                          "llmquant quantizes AutoModelForCausalLM models")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, low_cpu_mem_usage=True, **_hub_kwargs(source, trust_remote_code))
+        with gguf_parse_once():
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path, dtype=dtype, low_cpu_mem_usage=True, **_hub_kwargs(source, trust_remote_code))
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"--model {source.display}: cannot load the weights ({_first_line(e)})") from None
     if source.kind == "gguf":
