@@ -146,8 +146,10 @@ def run_quantize(cfg: QuantizeConfig, method: str = "gptq", step: Step | None = 
         del model
         from llmquant.runtime.evaluate import evaluate_checkpoint
         t = time.perf_counter()
-        ev = evaluate_checkpoint(str(saved.path), cfg.eval_dataset, cfg.eval_seqlen, cfg.eval_windows, device)
-        report["eval"] = {**{k: ev[k] for k in ("ppl", "windows", "tokens") if k in ev},
+        # float32 activations and logits: the GPTQ paper's protocol (../shared/data/README.md)
+        ev = evaluate_checkpoint(str(saved.path), cfg.eval_dataset, cfg.eval_seqlen, cfg.eval_windows, device,
+                                 dtype="float32")
+        report["eval"] = {**{k: ev[k] for k in ("ppl", "windows", "tokens", "kernel", "dtype") if k in ev},
                           "dataset": cfg.eval_dataset, "seqlen": cfg.eval_seqlen, "seconds": round(time.perf_counter() - t, 2)}
         write_report(saved.path, report)
     return report
