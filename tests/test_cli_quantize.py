@@ -171,3 +171,27 @@ def test_console_script_exits_nonzero_without_traceback(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "no such file or directory" in r.stderr
     assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_gptq_eval_stores_perplexity_in_report(model_dir, calib_file, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text(tiny.TEXT * 3)
+    recipe = tmp_path / "e.yaml"
+    recipe.write_text(f"eval-dataset: {text}\neval-seqlen: 64\neval-windows: 3\n")
+    out = tmp_path / "ev"
+    code, txt = run(*base(model_dir, calib_file, out, "--eval", "--config", recipe))
+    assert code == 0, txt
+    rep = json.loads((out / "quant_report.json").read_text())
+    assert rep["eval"]["windows"] == 3 and rep["eval"]["dtype"] == "float32"
+    # independent check: perplexity of the written checkpoint, computed here
+    import math
+    import llmquant
+    from llmquant.data import load_corpus, tokenize_stream
+    m = llmquant.load(str(out), dtype="float32", kernel="reference")
+    ids = tokenize_stream(tiny.tiny_tokenizer(), load_corpus(str(text)))
+    nll = 0.0
+    with torch.no_grad():
+        for w in range(3):
+            x = ids[:, w * 64:(w + 1) * 64]
+            nll += m(x, labels=x).loss.item()
+    assert math.isclose(rep["eval"]["ppl"], math.exp(nll / 3), rel_tol=1e-4)
