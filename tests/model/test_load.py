@@ -43,3 +43,25 @@ def test_gguf_loads_dense_llama(smollm2_path):
     with torch.no_grad():
         nxt = model(ids).logits[0, -1].argmax().item()
     assert tok.decode([nxt]).strip() == "Paris"
+
+
+def test_hub_id_resolves_through_the_local_cache(monkeypatch, tmp_path):
+    """A Hub id is loaded through the normal transformers cache (laid out here by hand, offline)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import tiny
+    snap = tmp_path / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / "0123456789abcdef"
+    tiny.tiny_model_dir(snap)
+    (tmp_path / "hub" / "models--tiny-org--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--tiny-org--tiny-llama" / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    src = resolve_source("tiny-org/tiny-llama")
+    assert src.kind == "hub"
+    model = load_causal_lm(src, torch.float32)
+    assert model.config.num_hidden_layers == 2
+    assert load_tokenizer(src)("fox").input_ids
