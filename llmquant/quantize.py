@@ -140,6 +140,10 @@ def run_quantize(cfg: QuantizeConfig, method: str = "gptq", step: Step | None = 
     report["totals"]["checkpoint_mb"] = round(saved.total_bytes / 1e6, 2)
     report["totals"]["weights_mb"] = round(saved.weight_bytes / 1e6, 2)
     report["output"] = str(saved.path)
+    from llmquant.runtime.inspect import plot_layer_errors
+    png = plot_layer_errors(report["modules"], saved.path / "layer_error.png",
+                            title=f"{method} W{cfg.bits} g{cfg.group_size}: loss per module")
+    report["plot"] = None if png is None else str(png)
     write_report(saved.path, report)
 
     if cfg.eval:

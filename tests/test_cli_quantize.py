@@ -49,6 +49,7 @@ def test_gptq_end_to_end_checkpoint_loads_to_the_same_logits(model_dir, calib_fi
     assert cfg["checkpoint_format"] == "gptq_v2" and cfg["sym"] is False and cfg["desc_act"] is True
     rep = json.loads((out / "quant_report.json").read_text())
     assert len(rep["modules"]) == 14 and rep["totals"]["fallbacks"] == []
+    assert (out / "layer_error.png").read_bytes()[:4] == b"\x89PNG"
     assert all(m["tokens"] == 4 * 32 and m["damp"] == 0.01 for m in rep["modules"])
     # the runtime's reader gives the same dequantized weights the pipeline computed with
     import llmquant
