@@ -24,6 +24,11 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 # method, bits, group, sym, extra flags
 ROWS = {
+    "targets": [
+        ("gptq", 4, 128, False, []),
+        ("gptq", 4, 128, True, []),
+        ("gptq", 3, 128, False, []),
+    ],
     "main": [
         ("rtn", 4, 128, False, []),
         ("gptq", 4, 128, False, []),
