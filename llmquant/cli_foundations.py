@@ -215,7 +215,7 @@ def qat_cmd(
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="Train under bfloat16 autocast (much faster on CPU)."),
     dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="c4, wikitext2 or a .txt/.raw/.jsonl/.parquet file."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampler and of the data order."),
-    checkpoint_format: str = typer.Option("gptq", "--format", help="gptq (v1 zeros) or gptq_v2."),
+    checkpoint_format: Optional[str] = typer.Option(None, "--format", help="gptq (v1 zeros) or gptq_v2. [default: gptq for --sym, gptq_v2 for --asym]"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
 ) -> None:
@@ -230,6 +230,8 @@ def qat_cmd(
                  kd_weight=kd_weight)
     cfg = Q.QATConfig(bits=bits, group_size=group_size, sym=sym, act_bits=act_bits, init=init, mse_init=mse_init,
                       bf16=bf16, seed=seed, **{k: (v if v is not None else getattr(defaults, k)) for k, v in given.items()})
+    if checkpoint_format is None:     # v1 stores zero - 1, so an asymmetric zero point of 0 needs v2
+        checkpoint_format = "gptq" if sym else "gptq_v2"
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise InputError(f"--format {checkpoint_format}: use one of {', '.join(CHECKPOINT_FORMATS)}")
     if init == "gptq" and not init_from:
