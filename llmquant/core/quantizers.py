@@ -187,33 +187,10 @@ def error_report(x: torch.Tensor, x_hat: torch.Tensor) -> dict:
 
 def group_clip_search(W: torch.Tensor, bits: int, symmetric: bool, group_size: int, grid: int = 20,
                       max_shrink: float = 0.5) -> torch.Tensor:
-    """Per-group clip ratio minimizing the squared error of unsigned ``bits``-bit RTN (GPTQ codes).
-
-    The same search as :func:`llmquant.core.quant.mse_clip_search` with ``norm=2`` (identical
-    result), written on a ``[N, G, group_size]`` view so each candidate costs a few passes over ``W``
-    (it runs on every linear layer of a model). A short last group (``K % group_size``) is searched
-    on its own. ``W [N, K]`` -> ``ratio [N, ceil(K / group_size)]``.
+    """Per-group clip ratio minimizing the squared error of unsigned ``bits``-bit RTN (GPTQ codes):
+    :func:`llmquant.core.quant.mse_clip_search` with ``norm=2`` on ``(1, group_size)`` blocks.
+    ``W [N, K]`` -> ``ratio [N, ceil(K / group_size)]``.
     """
-    N, K = W.shape
+    K = W.shape[1]
     gs = K if group_size in (-1, 0) else min(group_size, K)
-    full = (K // gs) * gs
-    parts = [W[:, :full].float().reshape(N, K // gs, gs)]                   # [N, G, gs]
-    if full < K:
-        parts.append(W[:, full:].float().reshape(N, 1, K - full))           # [N, 1, K % gs]
-    return torch.cat([_clip_search_3d(x, bits, symmetric, grid, max_shrink) for x in parts], dim=1)
-
-
-def _clip_search_3d(x: torch.Tensor, bits: int, symmetric: bool, grid: int, max_shrink: float) -> torch.Tensor:
-    qmin, qmax = qrange(bits)
-    lo0, hi0 = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)            # [N, G, 1]
-    best = torch.full(lo0.shape, float("inf"))
-    ratio = torch.ones_like(lo0)
-    for i in range(grid):
-        p = 1 - max_shrink * i / grid
-        scale, zero = choose_qparams(lo0 * p, hi0 * p, qmin, qmax, symmetric)
-        q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
-        err = ((q - zero) * scale - x).pow_(2).sum(-1, keepdim=True)        # [N, G, 1]
-        better = err < best
-        best = torch.where(better, err, best)
-        ratio = torch.where(better, torch.full_like(ratio, p), ratio)
-    return ratio[..., 0]
+    return mse_clip_search(W.float(), bits, symmetric, (1, gs), grid=grid, max_shrink=max_shrink, norm=2.0)
