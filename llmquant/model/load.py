@@ -168,10 +168,10 @@ def load_causal_lm(source: ModelSource, dtype: torch.dtype, trust_remote_code: b
         raise InputError(f"--model {source.display}: cannot load the weights ({_first_line(e)})") from None
     if source.kind == "gguf":
         # The GGUF weights were dequantized: the model is dense now; forget the gguf marker.
-        for attr in ("quantization_config",):
-            if hasattr(model.config, attr):
-                delattr(model.config, attr)
-        model.hf_quantizer = None if hasattr(model, "hf_quantizer") else None
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
     model.eval()
     model.config.use_cache = False
     return model
