@@ -16,6 +16,17 @@ from llmquant.cli_app import app, console, out, user_errors
 from llmquant.errors import InputError
 
 DEFAULT_DATASET = "c4"
+DYNAMIC_ALPHA = "0.5"
+STATIC_ALPHA = "0.5"
+
+
+def _alpha(v: str):
+    if v == "search":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise InputError(f"--smooth-alpha {v}: use a number in [0, 1] or 'search'") from None
 
 
 def _progress() -> Progress:
@@ -119,7 +130,7 @@ def _ptq(model: str, out_dir: str, cfg, dataset: Optional[str], overwrite: bool,
     t0 = time.time()
     dest = _check_out(out_dir, overwrite)
     src, m, tok = _load(model, trust_remote_code)
-    windows = _windows(tok, dataset, cfg.nsamples, cfg.seqlen, cfg.seed) if cfg.mode == "static" else None
+    windows = _windows(tok, dataset, cfg.nsamples, cfg.seqlen, cfg.seed) if cfg.needs_calibration else None
     with _progress() as prog:
         cal = prog.add_task("calibration", total=cfg.nsamples if windows is not None else 0, info="", visible=windows is not None)
         lay = prog.add_task("quantize layers", total=None, info="")
@@ -143,6 +154,12 @@ def _summary(title: str, report: dict, path: Path, report_path: Path) -> None:
         if k in report and report[k] is not None:
             t.add_row(k, _fmt(report[k]))
     cfg = report.get("config", {})
+    sm = report.get("smoothing")
+    if sm:
+        t.add_row("SmoothQuant", f"alpha {cfg.get('smooth_alpha')}: {sm['smoothed']} of {sm['groups']} layer groups")
+    else:
+        t.add_row("SmoothQuant", "off")
+    t.add_row("kept in float (--keep-dense)", ", ".join(report.get("kept_dense") or []) or "none")
     if cfg.get("mode") == "static":
         t.add_row("observer", cfg["observer"])
         clips = [r["act_clip_ratio"] for r in report["layers"] if "act_clip_ratio" in r]
@@ -161,12 +178,21 @@ def ptq_dynamic_cmd(
     model: str = typer.Option(..., "--model", "-m", help="Hub id, model directory or .gguf file."),
     out_dir: str = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
     backend: str = typer.Option("auto", "--backend", help="int8 matmul: auto, int_mm (torch._int_mm) or float."),
+    smooth: bool = typer.Option(True, "--smooth/--no-smooth", help="SmoothQuant before quantizing (uses --dataset)."),
+    smooth_alpha: str = typer.Option(DYNAMIC_ALPHA, "--smooth-alpha", help="SmoothQuant strength in [0, 1], or 'search' (per layer group, least W8A8 output error)."),
+    keep_dense: list[str] = typer.Option([], "--keep-dense", help="Regex of layer names left in float (repeatable; reported)."),
+    dataset: str = typer.Option(DEFAULT_DATASET, "--dataset", help="Calibration text for smoothing: c4, wikitext2 or a file."),
+    nsamples: int = typer.Option(32, "--nsamples", help="Calibration windows (smoothing)."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the window sampler."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
 ) -> None:
     """W8A8 dynamic: int8 weights per output channel, activations quantized per token at run time."""
     from llmquant.ptq import PTQConfig
-    _ptq(model, out_dir, PTQConfig(mode="dynamic", backend=backend), None, overwrite, trust_remote_code)
+    cfg = PTQConfig(mode="dynamic", backend=backend, smooth_alpha=_alpha(smooth_alpha) if smooth else None,
+                    keep_dense=tuple(keep_dense), nsamples=nsamples, seqlen=seqlen, seed=seed)
+    _ptq(model, out_dir, cfg, dataset if smooth else None, overwrite, trust_remote_code)
 
 
 @app.command("ptq-static")
@@ -181,13 +207,17 @@ def ptq_static_cmd(
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed of the window sampler."),
     backend: str = typer.Option("auto", "--backend", help="int8 matmul: auto, int_mm or float."),
+    smooth: bool = typer.Option(True, "--smooth/--no-smooth", help="SmoothQuant before calibrating."),
+    smooth_alpha: str = typer.Option(STATIC_ALPHA, "--smooth-alpha", help="SmoothQuant strength in [0, 1], or 'search' (per layer group, least W8A8 output error)."),
+    keep_dense: list[str] = typer.Option([], "--keep-dense", help="Regex of layer names left in float (repeatable; reported)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
 ) -> None:
     """W8A8 static: one activation scale per linear input, fixed by an observer on calibration text."""
     from llmquant.ptq import PTQConfig
     cfg = PTQConfig(mode="static", observer=observer, percentile=percentile, nsamples=nsamples, seqlen=seqlen,
-                    seed=seed, backend=backend)
+                    seed=seed, backend=backend, smooth_alpha=_alpha(smooth_alpha) if smooth else None,
+                    keep_dense=tuple(keep_dense))
     _ptq(model, out_dir, cfg, dataset, overwrite, trust_remote_code)
 
 

@@ -88,9 +88,18 @@ def load_all(path: str):
     return model, tok, ids
 
 
-def part_ptq(args, model, tok, ids, out: Path) -> None:
+def calib(tok, nsamples: int, seqlen: int, seed: int = 0):
     from llmquant.data import calibration_windows, load_corpus
+    return calibration_windows(tok, load_corpus(str(DATA / "c4-train-1000.jsonl")), nsamples, seqlen, seed)
+
+
+def keep_dense(args) -> tuple[str, ...]:
+    return tuple(p for p in args.keep_dense.split(",") if p)
+
+
+def part_ptq(args, model, tok, ids, out: Path) -> None:
     from llmquant.ptq import PTQConfig, calibrate, int_mm_available, quantize_w8a8, target_linears
+    from llmquant.ptq.smooth import smooth_model, smoothing_report
     parts = args.parts
     if "dense" in parts:
         console.rule("dense float32")
@@ -98,32 +107,45 @@ def part_ptq(args, model, tok, ids, out: Path) -> None:
     if "dynamic" in parts:
         console.rule("W8A8 dynamic")
         m = copy.deepcopy(model)
-        rep = quantize_w8a8(m, PTQConfig(mode="dynamic"))
+        cfg = PTQConfig(mode="dynamic", smooth_alpha=args.dynamic_alpha, nsamples=args.nsamples, seqlen=args.seqlen,
+                        keep_dense=keep_dense(args) if args.keep_dense_dynamic else ())
+        win = calib(tok, cfg.nsamples, cfg.seqlen) if cfg.needs_calibration else None
+        rep = quantize_w8a8(m, cfg, win)
         r = ppl(m, ids, args.windows)
         write(out, "dynamic", {"ppl": r, "int_mm": int_mm_available(), "quantize_seconds": rep["seconds"],
+                               "smooth_alpha": cfg.smooth_alpha, "kept_dense": rep["kept_dense"],
+                               "smoothed_groups": rep["smoothing"]["smoothed"] if rep["smoothing"] else 0,
                                "mean_weight_sqnr_db": rep["mean_weight_sqnr_db"], "machine": machine()})
         del m
     if "static" in parts:
-        console.rule("W8A8 static: one calibration pass, every observer")
+        console.rule("W8A8 static: smoothing, then one calibration pass for every observer")
         obs = tuple(args.observers.split(","))
-        cfg = PTQConfig(mode="static", nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
-        win = calibration_windows(tok, load_corpus(str(DATA / "c4-train-1000.jsonl")), cfg.nsamples, cfg.seqlen, cfg.seed)
+        cfg = PTQConfig(mode="static", nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
+                        smooth_alpha=args.static_alpha, keep_dense=keep_dense(args))
+        win = calib(tok, cfg.nsamples, cfg.seqlen, cfg.seed)
+        base = copy.deepcopy(model)
         t = time.time()
-        scales = calibrate(model, win, cfg, list(target_linears(model)), observers=obs,
+        smooth_rep = smoothing_report(smooth_model(base, win, cfg.smooth_alpha, mode="static")) if cfg.smooth_alpha is not None else None
+        names = [n for n in target_linears(base) if n not in cfg.kept_dense(list(target_linears(base)))]
+        scales = calibrate(base, win, cfg, names, observers=obs,
                            progress=lambda d, n: console.print(f"  calibration {d}/{n}", end="\r"))
         cal_s = round(time.time() - t, 1)
-        res = {"calibration": {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seconds_all_observers": cal_s,
-                               "dataset": "c4-train-1000.jsonl"}, "observers": {}, "machine": machine()}
+        res = {"calibration": {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seconds_smooth_and_all_observers": cal_s,
+                               "dataset": "c4-train-1000.jsonl"}, "smooth_alpha": cfg.smooth_alpha,
+               "smoothed_groups": smooth_rep["smoothed"] if smooth_rep else 0,
+               "kept_dense": cfg.kept_dense(list(target_linears(base))), "observers": {}, "machine": machine()}
         for o in obs:
             console.rule(f"static {o}")
-            m = copy.deepcopy(model)
-            rep = quantize_w8a8(m, PTQConfig(mode="static", observer=o, nsamples=cfg.nsamples, seqlen=cfg.seqlen),
-                                act_scales=scales[o])
+            m = copy.deepcopy(base)
+            rep = quantize_w8a8(m, PTQConfig(mode="static", observer=o, nsamples=cfg.nsamples, seqlen=cfg.seqlen,
+                                             smooth_alpha=cfg.smooth_alpha, keep_dense=cfg.keep_dense),
+                                act_scales=scales[o], smoothed=smooth_rep or True)
             clips = [r["act_clip_ratio"] for r in rep["layers"]]
             res["observers"][o] = {"ppl": ppl(m, ids, args.static_windows or args.windows),
                                    "mean_act_clip_ratio": sum(clips) / len(clips), "min_act_clip_ratio": min(clips)}
             write(out, "static", res)
             del m
+        del base
 
 
 def part_speed(args, model, out: Path) -> None:
@@ -136,7 +158,7 @@ def part_speed(args, model, out: Path) -> None:
         if backend == "int_mm" and not int_mm_available():
             continue
         m = copy.deepcopy(model)
-        quantize_w8a8(m, PTQConfig(mode="dynamic", backend=backend))
+        quantize_w8a8(m, PTQConfig(mode="dynamic", backend=backend, smooth_alpha=None))   # smoothing: no speed effect
         variants[f"w8a8 dynamic ({backend})"] = m
     res = {"machine": machine(), "repeats": args.repeats, "results": {}}
     g = torch.Generator().manual_seed(0)
@@ -228,15 +250,20 @@ def table(out: Path) -> None:
                                 "target": target, "met": ok(rel, r["ppl"]), "notes": notes})
     if dense:
         t.add_row("dense float32", f"{base:.4f}", "", "", str(dense["ppl"]["windows"]), str(dense["ppl"]["seconds"]), "")
+    def prep(d):
+        a = d.get("smooth_alpha")
+        kept = d.get("kept_dense") or []
+        return (f"SmoothQuant alpha {a}" if a is not None else "no smoothing") + \
+            (f"; float: {', '.join(k.replace('model.layers.', 'L') for k in kept)}" if kept else "; all linears int8")
     if dyn:
         row("W8A8 dynamic", dyn["ppl"], "<= +2%", lambda rel, p: rel <= 0.02,
-            "torch._int_mm" if dyn["int_mm"] else "float path")
+            ("torch._int_mm" if dyn["int_mm"] else "float path") + "; " + prep(dyn))
     if st:
         best = min(st["observers"].items(), key=lambda kv: kv[1]["ppl"]["ppl"])[0]
         for o, v in st["observers"].items():
             row(f"W8A8 static {o}", v["ppl"], "best <= +5%" if o == best else "",
                 (lambda rel, p: rel <= 0.05) if o == best else (lambda rel, p: True),
-                f"act clip mean {v['mean_act_clip_ratio']:.3f}")
+                f"act clip mean {v['mean_act_clip_ratio']:.3f}; " + prep(st))
     if qat:
         row(f"QAT {qat['bits']}-bit g128 (GPTQ ckpt)", qat["ppl"], "< 60", lambda rel, p: p < 60,
             f"{qat['config']['steps']} steps, qat wall {qat['wall_seconds']} s (target < 900 s)")
@@ -268,6 +295,10 @@ def table(out: Path) -> None:
     write(out, "summary", summary)
 
 
+def alpha(v: str):
+    return None if v.lower() in ("none", "off") else v if v == "search" else float(v)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="dense,dynamic,static,speed,qat",
@@ -278,6 +309,10 @@ def main() -> None:
     ap.add_argument("--static-windows", type=int, default=None,
                     help="windows for the static observers (default: --windows); fewer on a loaded machine")
     ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--dynamic-alpha", type=alpha, default=0.5, help="SmoothQuant alpha for dynamic ('none': off)")
+    ap.add_argument("--static-alpha", type=alpha, default=0.5, help="SmoothQuant alpha for static ('none': off)")
+    ap.add_argument("--keep-dense", default="", help="comma list of layer-name regexes left in float (static)")
+    ap.add_argument("--keep-dense-dynamic", action="store_true", help="apply --keep-dense to dynamic too")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--lengths", default="128,512,2048", help="prompt lengths of the speed part")

@@ -53,18 +53,21 @@ def _logits(path, ids):
 
 def test_ptq_dynamic_end_to_end(model_dir, tmp_path):
     out = tmp_path / "dyn"
-    code, text = run("ptq-dynamic", "--model", model_dir, "--out", out)
+    code, text = run("ptq-dynamic", "--model", model_dir, "--out", out, "--dataset", tiny.write_calibration(
+        tmp_path / "c.jsonl"), "--nsamples", 4, "--seqlen", 32, "--keep-dense", r"layers\.1\.mlp\.down_proj")
     assert code == 0, text
     assert {"config.json", "model.safetensors", "quant_report.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     rep = json.loads((out / "quant_report.json").read_text())
-    assert rep["method"] == "w8a8-dynamic" and rep["n_layers"] == 14
+    assert rep["method"] == "w8a8-dynamic" and rep["n_layers"] == 13
+    assert rep["kept_dense"] == ["model.layers.1.mlp.down_proj"] and rep["smoothing"]["smoothed"] == 8
+    assert "model.layers.1.mlp.down_proj" in text.replace("\n", "")
     ids = torch.randint(3, 256, (1, 20))
     dense = tiny.tiny_model("llama")
     with torch.no_grad():
         ref = dense(ids).logits
     got = _logits(out, ids)
     assert (got - ref).norm() / ref.norm() < 0.02
-    code, text = run("ptq-dynamic", "--model", model_dir, "--out", out)
+    code, text = run("ptq-dynamic", "--model", model_dir, "--out", out, "--no-smooth")
     assert code == 2 and "--overwrite" in text
     code, text = run("eval", "--model", out, "--ppl", "--dataset", tiny.write_calibration(tmp_path / "e.jsonl"),
                      "--seqlen", 32, "--max-windows", 2, "--json", "--dtype", "float32")
@@ -123,5 +126,5 @@ def test_bad_inputs_are_one_line_errors(model_dir, tmp_path, args, msg):
 
 
 def test_missing_model_is_an_error(tmp_path):
-    code, text = run("ptq-dynamic", "--model", tmp_path / "nope", "--out", tmp_path / "x")
+    code, text = run("ptq-dynamic", "--model", tmp_path / "nope", "--out", tmp_path / "x", "--no-smooth")
     assert code == 2 and "no such file" in text

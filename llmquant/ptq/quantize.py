@@ -4,12 +4,18 @@
 * static: the same weights; one activation step per linear input, fixed from calibration text
   by an observer (``minmax`` / ``percentile`` / ``mse`` / ``kl``, :mod:`llmquant.core.observers`).
 
+Before either, SmoothQuant (``smooth_alpha``, on by default; :mod:`llmquant.ptq.smooth`) moves
+activation outliers into the weights using the same calibration text; the float model's outputs
+are unchanged by it. ``keep_dense`` (regular expressions on layer names) leaves chosen layers in
+float; they are listed in the report and in ``config.json``.
+
 Only linear layers inside the decoder blocks are replaced (found generically by
 :mod:`llmquant.model.discovery`); embeddings and ``lm_head`` stay dense.
 """
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -37,6 +43,8 @@ class PTQConfig:
     seqlen: int = 512
     seed: int = 0
     backend: str = "auto"
+    smooth_alpha: float | str | None = 0.5   # SmoothQuant strength in [0, 1], "search" (per group); None: off
+    keep_dense: tuple[str, ...] = ()    # regexes (re.search) of layer names left in float
 
     def __post_init__(self):
         if self.mode not in ("dynamic", "static"):
@@ -49,15 +57,35 @@ class PTQConfig:
             raise InputError(f"--nsamples {self.nsamples} / --seqlen {self.seqlen}: need nsamples >= 1, seqlen >= 2")
         if self.backend not in BACKENDS:
             raise InputError(f"--backend {self.backend}: unknown; use one of {', '.join(BACKENDS)}")
+        a = self.smooth_alpha
+        if a is not None and a != "search" and not (isinstance(a, (int, float)) and 0 <= a <= 1):
+            raise InputError(f"--smooth-alpha {a}: must be a number in [0, 1] or 'search'")
+        object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
+        for pat in self.keep_dense:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise InputError(f"--keep-dense {pat!r}: not a regular expression ({e})") from None
 
-    def quantization_config(self, modules: list[str]) -> dict:
+    @property
+    def needs_calibration(self) -> bool:
+        return self.mode == "static" or self.smooth_alpha is not None
+
+    def kept_dense(self, names: list[str]) -> list[str]:
+        """The names matching a ``keep_dense`` pattern."""
+        return [n for n in names if any(re.search(p, n) for p in self.keep_dense)]
+
+    def quantization_config(self, modules: list[str], kept: list[str] = ()) -> dict:
         """The ``quantization_config`` block of ``config.json``."""
         qc = {"quant_method": "llmquant_w8a8", "bits": 8, "weight": "int8 symmetric per output channel",
               "activation": "int8 symmetric per token (dynamic)" if self.mode == "dynamic"
               else "int8 symmetric per tensor (static)",
-              "mode": self.mode, "modules": modules}
+              "mode": self.mode, "modules": modules, "smooth_alpha": self.smooth_alpha,
+              "kept_dense": list(kept)}
+        if self.needs_calibration:
+            qc.update(nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed)
         if self.mode == "static":
-            qc.update(observer=self.observer, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed)
+            qc.update(observer=self.observer)
             if self.observer == "percentile":
                 qc["percentile"] = self.percentile
         return qc
@@ -146,13 +174,26 @@ def calibrate(model: nn.Module, windows: torch.Tensor, cfg: PTQConfig, names: li
 @torch.no_grad()
 def quantize_w8a8(model: nn.Module, cfg: PTQConfig, windows: torch.Tensor | None = None,
                   progress_calib: Progress | None = None, progress_layers: Progress | None = None,
-                  act_scales: dict | None = None) -> dict:
+                  act_scales: dict | None = None, smoothed: bool | dict | None = None) -> dict:
     """Replace every decoder linear with a :class:`W8A8Linear` in place; return a JSON report.
 
-    Static mode calibrates on ``windows``, unless ``act_scales`` (a :func:`calibrate` result for
-    this model) is given."""
+    Smoothing (``cfg.smooth_alpha``) and static calibration use ``windows``; static mode takes
+    ``act_scales`` (a :func:`calibrate` result for this model, smoothed as ``cfg`` says) instead of
+    calibrating when given, and ``smoothed`` says the model was already smoothed by the caller."""
+    from llmquant.ptq.smooth import smooth_model, smoothing_report
     t0 = time.time()
-    targets = target_linears(model)
+    smooth_rep = None
+    if cfg.smooth_alpha is not None and not smoothed:
+        if windows is None:
+            raise InputError("SmoothQuant needs calibration windows; pass --dataset, or --no-smooth")
+        smooth_rep = smoothing_report(smooth_model(model, windows, cfg.smooth_alpha, progress_calib, cfg.mode))
+    elif smoothed is not None and smoothed is not True:
+        smooth_rep = smoothed
+    all_targets = target_linears(model)
+    kept = cfg.kept_dense(list(all_targets))
+    targets = {n: m for n, m in all_targets.items() if n not in kept}
+    if not targets:
+        raise InputError("--keep-dense matches every linear layer; nothing is left to quantize")
     names = list(targets)
     act = {}
     if cfg.mode == "static" and act_scales is not None:
@@ -182,8 +223,9 @@ def quantize_w8a8(model: nn.Module, cfg: PTQConfig, windows: torch.Tensor | None
         set_module(model, name, q.to(W.device))
         if progress_layers:
             progress_layers(i + 1, len(targets))
-    model.config.quantization_config = cfg.quantization_config(names)
+    model.config.quantization_config = cfg.quantization_config(names, kept)
     sq = [r["weight_sqnr_db"] for r in layers if math.isfinite(r["weight_sqnr_db"])]
     return {"method": f"w8a8-{cfg.mode}", "config": asdict(cfg), "n_layers": len(layers),
+            "kept_dense": kept, "smoothing": smooth_rep,
             "calibration_seconds": round(t_cal, 2), "seconds": round(time.time() - t0, 2),
             "mean_weight_sqnr_db": round(sum(sq) / len(sq), 2) if sq else None, "layers": layers}

@@ -73,8 +73,8 @@ def test_gpt2_conv1d_is_found():
     m = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64)).eval()
     x = torch.randint(0, 100, (1, 16))
     ref = m(x).logits
-    rep = quantize_w8a8(m, PTQConfig(mode="dynamic"))
-    assert rep["n_layers"] == 8
+    rep = quantize_w8a8(m, PTQConfig(mode="dynamic"), x)
+    assert rep["n_layers"] == 8 and rep["smoothing"]["smoothed"] > 0
     assert (m(x).logits - ref).abs().max() < 0.05 * ref.abs().max()
 
 
@@ -113,7 +113,7 @@ def test_quantized_model_close_to_dense_and_round_trips(tmp_path, mode, observer
 
 def test_apply_w8a8_rejects_bad_checkpoints():
     model = tiny_model()
-    quantize_w8a8(model, PTQConfig())
+    quantize_w8a8(model, PTQConfig(smooth_alpha=None))
     qc = model.config.quantization_config
     state = dict(model.state_dict())
     fresh = tiny_model()
@@ -135,6 +135,54 @@ def test_config_validation():
         PTQConfig(mode="weird")
     with pytest.raises(InputError):
         quantize_w8a8(tiny_model(), PTQConfig(mode="static"))
+    with pytest.raises(InputError, match="no-smooth"):
+        quantize_w8a8(tiny_model(), PTQConfig(mode="dynamic"))
+    with pytest.raises(InputError, match="smooth-alpha"):
+        PTQConfig(smooth_alpha=1.5)
+    with pytest.raises(InputError, match="keep-dense"):
+        PTQConfig(keep_dense=("(",))
+    with pytest.raises(InputError, match="every linear"):
+        quantize_w8a8(tiny_model(), PTQConfig(smooth_alpha=None, keep_dense=(".",)))
+
+
+def test_keep_dense_layers_stay_float_and_are_reported(tmp_path):
+    model = tiny_model()
+    x = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        ref = model(x).logits
+    cfg = PTQConfig(mode="dynamic", smooth_alpha=None, keep_dense=(r"layers\.0\.mlp\.down_proj$",))
+    rep = quantize_w8a8(model, cfg)
+    assert rep["kept_dense"] == ["model.layers.0.mlp.down_proj"] and rep["n_layers"] == 13
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    qc = model.config.quantization_config
+    assert qc["kept_dense"] == ["model.layers.0.mlp.down_proj"] and "model.layers.0.mlp.down_proj" not in qc["modules"]
+    out_dir = save_w8a8(model, tmp_path / "ckpt", report=rep)
+    from llmquant.runtime.loader import load
+    loaded = load(out_dir, device="cpu", dtype="float32")
+    assert type(loaded.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_smoothing_then_quantizing_beats_plain_on_outlier_channels():
+    """Massive input channels (as in real LLMs): smoothing lowers the dynamic W8A8 output error."""
+    def make():
+        m = tiny_model()
+        with torch.no_grad():
+            for layer in m.model.layers:
+                layer.input_layernorm.weight[:3] = 60.0
+                layer.post_attention_layernorm.weight[5:7] = 80.0
+        return m
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = make()(x).logits
+    errs = {}
+    for alpha in (None, 0.5):
+        m = make()
+        quantize_w8a8(m, PTQConfig(mode="static", smooth_alpha=alpha, nsamples=2, seqlen=32), x)
+        with torch.no_grad():
+            errs[alpha] = float((m(x).logits - ref).norm() / ref.norm())
+    assert errs[0.5] < 0.7 * errs[None], errs
 
 
 def test_one_calibration_pass_for_several_observers():
@@ -148,5 +196,5 @@ def test_one_calibration_pass_for_several_observers():
     assert many["kl"] == single
     assert all(many["kl"][n]["threshold"] <= many["minmax"][n]["threshold"] + 1e-6 for n in names)
     m2 = tiny_model()
-    rep = quantize_w8a8(m2, PTQConfig(mode="static", observer="kl"), act_scales=many["kl"])
+    rep = quantize_w8a8(m2, PTQConfig(mode="static", observer="kl", smooth_alpha=None), act_scales=many["kl"])
     assert rep["layers"][0]["act_scale"] == single[names[0]]["scale"]
