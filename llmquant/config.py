@@ -34,6 +34,7 @@ class QuantizeConfig:
     device: str = "auto"
     dtype: str = "auto"
     calib_dtype: str = "auto"
+    hessian_dtype: str = "auto"        # auto: the dtype of the calibration forwards
     format: str | None = None          # None: gptq for symmetric, gptq_v2 for asymmetric
     overwrite: bool = False
     trust_remote_code: bool = False
@@ -70,7 +71,8 @@ class QuantizeConfig:
             raise InputError(f"--seqlen {self.seqlen} must be at least 2")
         if self.batch_size < 1:
             raise InputError(f"--batch-size {self.batch_size} must be at least 1")
-        for flag, v in (("--dtype", self.dtype), ("--calib-dtype", self.calib_dtype)):
+        for flag, v in (("--dtype", self.dtype), ("--calib-dtype", self.calib_dtype),
+                        ("--hessian-dtype", self.hessian_dtype)):
             if v not in ("auto", "float32", "bfloat16", "float16"):
                 raise InputError(f"{flag} {v} is unknown; use auto, float32, bfloat16 or float16")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -31,6 +31,7 @@ class GPTQSettings:
     act_order: bool = False
     static_groups: bool = False
     compute_dtype: torch.dtype | None = None   # autocast dtype for the forward passes (None: model dtype)
+    hessian_dtype: torch.dtype = torch.float32  # dtype of each batch's x^T x; H always sums in float32
     cache_budget_bytes: int = 4 << 30          # outputs of finished sub-modules kept to skip recomputation
 
 
@@ -217,17 +218,21 @@ def quantize_model(
     for b, x in enumerate(inps):
         _check_finite(x, f"the input of {prefix}.0")
 
+    traced: dict[tuple, list] = {}      # layers of one class with the same linears share one tracing
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
         layer.to(device)
         kws = [layer_kws[i][x.shape[0]] for x in inps]
-        groups = trace_groups(layer, (inps[0],), kws[0])
         linears = find_linears(layer)
+        key = (type(layer), tuple(linears))
+        if key not in traced:
+            traced[key] = trace_groups(layer, (inps[0],), kws[0])
+        groups = traced[key]
         runner = StageRunner(layer, linears, settings.cache_budget_bytes)
         for group in groups:
             first = linears[group.first]
             K = weight_matrix(first).shape[1]
-            gp = GPTQ(K, device=device)
+            gp = GPTQ(K, device=device, gram_dtype=settings.hessian_dtype)
 
             def hook(mod, inp, gp=gp):
                 gp.add_batch(inp[0])

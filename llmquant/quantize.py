@@ -40,6 +40,16 @@ def _compute_dtype(cfg: QuantizeConfig, device: str, model_dtype: torch.dtype) -
     return None if want == model_dtype or want == torch.float32 else want
 
 
+def _hessian_dtype(cfg: QuantizeConfig, device: str, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """``auto``: multiply at the precision the forwards already rounded the layer inputs to (the linear
+    layers of a bfloat16 forward read bfloat16 inputs, so their products are exact and only each batch's
+    sum is rounded, ~2^-9 relative, far below the sampling noise of 65k calibration tokens). float16 is
+    never chosen automatically: sums of squared outlier activations overflow its range."""
+    if cfg.hessian_dtype == "auto":
+        return torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float32
+    return resolve_dtype(cfg.hessian_dtype, device)
+
+
 def _load_dtype(cfg: QuantizeConfig) -> torch.dtype:
     """``auto`` keeps the weights exact: float32 master weights (GPTQ updates them in float32);
     half-precision loads halve memory for models that do not fit otherwise."""
@@ -98,9 +108,10 @@ def run_quantize(cfg: QuantizeConfig, method: str = "gptq", step: Step | None = 
         timings["calibration_data_s"] = time.perf_counter() - t
 
     args = QuantArgs(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse)
+    compute_dtype = _compute_dtype(cfg, device, next(model.parameters()).dtype)
     settings = GPTQSettings(args, blocksize=cfg.block_size, percdamp=cfg.damp, act_order=cfg.act_order,
-                            static_groups=cfg.static_groups,
-                            compute_dtype=_compute_dtype(cfg, device, next(model.parameters()).dtype))
+                            static_groups=cfg.static_groups, compute_dtype=compute_dtype,
+                            hessian_dtype=_hessian_dtype(cfg, device, compute_dtype))
     t = time.perf_counter()
     result = quantize_model(model, calib, settings, method=method, device=device, batch_size=cfg.batch_size,
                             on_step=step)
@@ -114,6 +125,7 @@ def run_quantize(cfg: QuantizeConfig, method: str = "gptq", step: Step | None = 
         "config": {**cfg.as_dict(), "format": cfg.checkpoint_format},
         "device": device,
         "compute_dtype": str(settings.compute_dtype or next(model.parameters()).dtype).replace("torch.", ""),
+        "hessian_dtype": str(settings.hessian_dtype).replace("torch.", ""),
         "calibration": None if calib is None else {"dataset": cfg.dataset, "nsamples": cfg.nsamples,
                                                    "seqlen": cfg.seqlen, "seed": cfg.seed, "tokens": int(calib.numel())},
         "warnings": warns,

@@ -30,6 +30,7 @@ def test_shipped_recipes_are_valid():
     ("bits", 5, "--bits 5"), ("group_size", 0, "--group-size 0"), ("damp", -1.0, "--damp"),
     ("format", "awq", "--format awq"), ("nsamples", 0, "--nsamples 0"), ("seqlen", 1, "--seqlen 1"),
     ("dtype", "int8", "--dtype int8"), ("device", "tpu", "--device tpu"),
+    ("hessian_dtype", "int8", "--hessian-dtype int8"),
 ])
 def test_validation_messages(field, value, match):
     cfg = QuantizeConfig(model="m", out="o", **{field: value})

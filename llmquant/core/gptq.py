@@ -102,10 +102,11 @@ class GPTQ:
     factorisation, and their weights quantized together as one stacked matrix.
     """
 
-    def __init__(self, columns: int, device: str | torch.device = "cpu"):
+    def __init__(self, columns: int, device: str | torch.device = "cpu", gram_dtype: torch.dtype = torch.float32):
         self.columns = columns
         self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)   # [K, K]
         self.nsamples = 0
+        self.gram_dtype = gram_dtype    # dtype of each batch's x^T x products; H always sums in float32
 
     def add_batch(self, inp: torch.Tensor) -> None:
         """``inp [..., K]``: any leading dims are tokens. Keeps ``H = 2/n * sum x x^T`` (float32)."""
@@ -119,7 +120,7 @@ class GPTQ:
         self.H.mul_(self.nsamples / (self.nsamples + n))
         self.nsamples += n
         x = x * math.sqrt(2 / self.nsamples)
-        add_gram_upper_(self.H, x)
+        add_gram_upper_(self.H, x if self.gram_dtype == torch.float32 else x.to(self.gram_dtype))
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -143,14 +144,23 @@ def add_gram_upper_(H: torch.Tensor, x: torch.Tensor) -> None:
     ``H`` is symmetric, so its lower blocks are never computed: with 4 block rows this is 62.5% of the
     multiply-adds of ``x^T x``. Entries below the diagonal blocks stay stale; read ``H`` through
     :func:`symmetrize_upper`.
+
+    ``x`` in bfloat16/float16 multiplies at that precision (products exact, sums in float32 inside the
+    matmul, each batch's result rounded once to ``x``'s dtype: ~2^-9 relative) and adds into float32 ``H``.
     """
     K = x.shape[1]
     if K < 1024:
-        H.addmm_(x.t(), x)                                          # [K, n] @ [n, K]
+        if x.dtype == H.dtype:
+            H.addmm_(x.t(), x)                                      # [K, n] @ [n, K]
+        else:
+            H.add_(x.t() @ x)
         return
     bs = math.ceil(K / GRAM_BLOCKS)
     for i in range(0, K, bs):
-        H[i:i + bs, i:].addmm_(x[:, i:i + bs].t(), x[:, i:])       # [bs, n] @ [n, K - i]
+        if x.dtype == H.dtype:
+            H[i:i + bs, i:].addmm_(x[:, i:i + bs].t(), x[:, i:])   # [bs, n] @ [n, K - i]
+        else:
+            H[i:i + bs, i:].add_(x[:, i:i + bs].t() @ x[:, i:])
 
 
 def symmetrize_upper(H: torch.Tensor) -> torch.Tensor:
