@@ -90,7 +90,9 @@ def capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
     (masks, position ids / embeddings) each layer receives, per batch size.
 
     Keyword arguments may differ between layers (sliding-window layers get their own mask and rotary
-    tables), so they are recorded for every layer from one full forward per distinct batch size.
+    tables), so they are recorded for every layer, once per distinct batch size, from a forward in which
+    layer 0 runs and every later layer passes its input through in layer 0's output structure (the
+    model builds each layer's arguments before calling it; nothing after the last layer runs).
     """
     _, layers = find_decoder_layers(model)
     inps: list[torch.Tensor] = []
@@ -100,24 +102,43 @@ def capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
         inps.append((args[0] if args else kwargs["hidden_states"]).detach())
         raise _Capture
 
-    def record(i):
+    def record(i, bs):
         def fn(mod, args, kwargs):
-            hs = args[0] if args else kwargs["hidden_states"]
-            layer_kws[i][hs.shape[0]] = _clean_kwargs(kwargs)
+            layer_kws[i][bs] = _clean_kwargs(kwargs)
+            if i == len(layers) - 1:
+                raise _Capture
         return fn
+
+    first_out = []
+
+    def passthrough(*args, **kwargs):
+        hs = args[0] if args else kwargs["hidden_states"]
+        out = first_out[0]
+        return hs if isinstance(out, torch.Tensor) else (hs, *out[1:])
 
     moved = _move_non_layer_modules(model, layers, device)
     try:
         for ids in batches:
-            if ids.shape[0] not in layer_kws[0]:
-                hs = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+            bs = ids.shape[0]
+            if bs not in layer_kws[0]:
+                first_out.clear()
+                hs = [layer.register_forward_pre_hook(record(i, bs), with_kwargs=True) for i, layer in enumerate(layers)]
+                hs.append(layers[0].register_forward_hook(lambda m, a, o: first_out.append(o)))
+                for layer in layers[1:]:
+                    layer.forward = passthrough
                 try:
                     with _autocast(device, autocast):
-                        model(input_ids=ids[:, :].to(device), use_cache=False) if device == "cpu" else \
-                            _forward_streaming(model, layers, ids.to(device), device, autocast)
+                        if device == "cpu":
+                            model(input_ids=ids.to(device), use_cache=False)
+                        else:
+                            _forward_streaming(model, layers[:1], ids.to(device), device, autocast)
+                except _Capture:
+                    pass
                 finally:
                     for h in hs:
                         h.remove()
+                    for layer in layers[1:]:
+                        del layer.forward
             h = layers[0].register_forward_pre_hook(stop_at_first, with_kwargs=True)
             try:
                 with _autocast(device, autocast):

@@ -41,6 +41,44 @@ def test_gptq_quantizes_every_linear_of_every_architecture(arch):
     assert all(r.tokens == ids.numel() for r in res.records)
 
 
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b or type(a).__name__ == type(b).__name__
+
+
+@pytest.mark.parametrize("arch", tiny.ARCHS)
+def test_captured_inputs_equal_those_of_a_full_forward(arch):
+    """Layers after the first pass their input through while arguments are recorded; every layer's
+    recorded keyword arguments and layer 0's hidden states must equal those of a real forward."""
+    model = tiny.tiny_model(arch)
+    _, layers = find_decoder_layers(model)
+    ids = calib(3)
+    real = [None] * len(layers)
+
+    def rec(i):
+        def fn(mod, args, kwargs):
+            real[i] = (args[0] if args else kwargs["hidden_states"], kwargs)
+        return fn
+
+    hs = [layer.register_forward_pre_hook(rec(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hs:
+        h.remove()
+    inps, kws = capture_layer_inputs(model, [ids], "cpu", None)
+    assert torch.equal(inps[0], real[0][0])
+    for i in range(len(layers)):
+        want = {k: v for k, v in real[i][1].items() if k not in ("past_key_value", "past_key_values",
+                                                                   "layer_past", "cache", "use_cache")}
+        got = {k: v for k, v in kws[i][3].items() if k != "use_cache"}
+        assert _same(got, want), f"{arch} layer {i}"
+
+
 def test_true_sequential_groups_in_execution_order():
     model = tiny.tiny_model("llama")
     _, layers = find_decoder_layers(model)
