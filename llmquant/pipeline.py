@@ -247,9 +247,10 @@ def quantize_model(
         linears = find_linears(layer)
         key = (type(layer), tuple(linears))
         if key not in traced:
-            traced[key] = trace_groups(layer, (inps[0],), kws[0])
-        groups = traced[key]
-        runner = StageRunner(layer, linears, settings.cache_budget_bytes)
+            traced[key] = (trace_groups(layer, (inps[0],), kws[0]),
+                           StageRunner.probe(layer, linears, (inps[0],), kws[0]))
+        groups, templates = traced[key]
+        runner = StageRunner(layer, linears, settings.cache_budget_bytes, templates, [g.names for g in groups])
         for group in groups:
             first = linears[group.first]
             K = weight_matrix(first).shape[1]
@@ -294,11 +295,17 @@ class StageRunner:
     the next pass that runs it whole records that output per batch, and later passes replace the
     unit's forward with the recorded value. So each linear layer and each attention computes about
     once per stage that needs it, instead of once per stage after it (q/k/v run once, not four times).
-    Outputs are bitwise those the unit would compute again (same inputs, same weights). Units called
-    other than once per forward, or beyond ``budget`` bytes of cache, are simply recomputed.
+
+    A unit whose output is its last linear's output (``o_proj``, ``down_proj``; found by :meth:`probe`)
+    need not run whole even once more: that linear's input is recorded in the pass that accumulates its
+    Hessian, and the unit's output is then that linear applied to the recorded input (the attention
+    scores are computed once per layer, not twice). Outputs are bitwise those the unit would compute
+    again (same inputs, same weights). Units called other than once per forward, or beyond ``budget``
+    bytes of cache, are simply recomputed.
     """
 
-    def __init__(self, layer: nn.Module, linears: dict[str, nn.Module], budget: int):
+    def __init__(self, layer: nn.Module, linears: dict[str, nn.Module], budget: int,
+                 templates: dict[str, tuple] | None = None, groups: list[list[str]] | None = None):
         self.layer = layer
         self.units: dict[str, nn.Module] = {n: m for n, m in layer.named_children()
                                             if any(k.startswith(n + ".") for k in linears)}
@@ -308,6 +315,45 @@ class StageRunner:
         self.cache: dict[str, list] = {}
         self.budget = budget
         self.cached_bytes = 0
+        self.templates = templates or {}                # unit -> (terminal linear, extra outputs or None)
+        self.term_inputs: dict[str, list] = {}          # unit -> its terminal linear's input per batch
+        # linears executing before each linear, by true-sequential group order
+        self.before: dict[str, set[str]] = {}
+        done: set[str] = set()
+        for g in groups or []:
+            for n in g:
+                self.before[n] = set(done)
+            done.update(g)
+
+    @staticmethod
+    @torch.no_grad()
+    def probe(layer: nn.Module, linears: dict[str, nn.Module], args: tuple, kwargs: dict) -> dict[str, tuple]:
+        """Units whose output is (the first element of) one inner linear's output object, with any other
+        output elements non-tensors: ``{unit: (linear name, other elements or None)}``."""
+        units = {n: m for n, m in layer.named_children() if any(k.startswith(n + ".") for k in linears)}
+        outs: dict[str, list] = {n: [] for n in [*units, *linears]}
+        mods = {**units, **linears}
+        hs = [mods[n].register_forward_hook(lambda m, a, o, n=n: outs[n].append(o)) for n in outs]
+        try:
+            layer(*args, **kwargs)
+        except StopForward:
+            return {}
+        finally:
+            for h in hs:
+                h.remove()
+        found = {}
+        for n in units:
+            if len(outs[n]) != 1:
+                continue
+            o = outs[n][0]
+            head, rest = (o, None) if isinstance(o, torch.Tensor) else \
+                (o[0], tuple(o[1:])) if isinstance(o, tuple) and o else (None, None)
+            if rest is not None and any(isinstance(e, torch.Tensor) for e in rest):
+                continue
+            for k in linears:
+                if k.startswith(n + ".") and len(outs[k]) == 1 and outs[k][0] is head:
+                    found[n] = (k, rest)
+        return found
 
     def mark_quantized(self, names) -> None:
         self.quantized.update(names)
@@ -316,18 +362,33 @@ class StageRunner:
         """Inside a unit that is already replaced by its recorded output (so it never runs)."""
         return any(name.startswith(c + ".") for c in self.cache)
 
+    def _input_final(self, unit: str) -> bool:
+        lin = self.templates[unit][0]
+        return lin in self.before and self.before[lin] <= self.quantized
+
     def run(self, inps: list[torch.Tensor], kws: list[dict], ctx) -> list:
         ready = [n for n in self.units if n not in self.cache and self.inside[n] <= self.quantized
                  and not self._covered(n)]
+        synth = [n for n in ready if n in self.term_inputs]
+        want = [n for n in self.templates if n not in self.cache and n not in self.term_inputs
+                and not self._covered(n) and self._input_final(n)]
         recorded: dict[str, list[list]] = {n: [[] for _ in inps] for n in ready}
+        term: dict[str, list] = {n: [None] * len(inps) for n in want}
         outs = []
         for b, (x, kw) in enumerate(zip(inps, kws)):
             handles = []
             for n in ready:
                 handles.append(self.units[n].register_forward_hook(
                     lambda mod, a, o, n=n, b=b: recorded[n][b].append(o)))
+            for n in want:      # before any hook that stops the forward at this linear
+                handles.append(self.units[self.templates[n][0]].register_forward_pre_hook(
+                    lambda mod, a, n=n, b=b: term[n].__setitem__(b, a[0]), prepend=True))
             for n, values in self.cache.items():
                 self.units[n].forward = (lambda *a, _v=values[b], **k: _v)
+            for n in synth:
+                lin, rest = self.templates[n]
+                self.units[n].forward = (lambda *a, _m=self.units[lin], _x=self.term_inputs[n][b], _r=rest, **k:
+                                         _m(_x) if _r is None else (_m(_x), *_r))
             try:
                 with ctx():
                     outs.append(self.layer(x, **kw))
@@ -336,8 +397,13 @@ class StageRunner:
             finally:
                 for h in handles:
                     h.remove()
-                for n in self.cache:
-                    del self.units[n].forward
+                for n in [*self.cache, *synth]:
+                    self.units[n].__dict__.pop("forward", None)
+        for n in want:
+            size = sum(_nbytes(t) for t in term[n])
+            if all(t is not None for t in term[n]) and self.cached_bytes + size <= self.budget:
+                self.term_inputs[n] = term[n]
+                self.cached_bytes += size
         for n in ready:
             calls = recorded[n]
             if all(len(c) == 1 for c in calls):
@@ -345,9 +411,11 @@ class StageRunner:
                 if self.cached_bytes + size <= self.budget:
                     self.cache[n] = [c[0] for c in calls]
                     self.cached_bytes += size
-        # a unit inside a replaced unit never runs again: drop its recording
+        # a unit inside a replaced unit never runs again: drop its recording; so are replaced units' inputs
         for n in [n for n in self.cache if self._covered(n)]:
             self.cached_bytes -= sum(_nbytes(v) for v in self.cache.pop(n))
+        for n in [n for n in self.term_inputs if n in self.cache]:
+            self.cached_bytes -= sum(_nbytes(v) for v in self.term_inputs.pop(n))
         return outs
 
 

@@ -173,3 +173,33 @@ def test_stage_cache_skips_recomputation():
     calls.clear()
     r.run(inps, [kws[0][2]], contextlib.nullcontext)          # replays it
     assert "self_attn.q_proj" not in calls and "self_attn" in calls and calls["mlp.down_proj"] == 1
+
+
+def test_attention_runs_no_more_after_its_output_projection_is_quantized(monkeypatch):
+    """o_proj's input is recorded while its Hessian accumulates, so the attention output is o_proj
+    applied to it afterwards: the attention itself (scores, softmax) is not computed again."""
+    import llmquant.pipeline as P
+    from transformers.models.llama import modeling_llama
+    model = tiny.tiny_model("llama")
+    _, layers = find_decoder_layers(model)
+    which = {id(layer.self_attn): i for i, layer in enumerate(layers)}
+    events = []
+    orig_fwd = modeling_llama.LlamaAttention.forward
+
+    def counting(self, *a, **k):
+        events.append(("attn", which[id(self)]))
+        return orig_fwd(self, *a, **k)
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", counting)
+    orig_q = P._quantize_group
+
+    def logging_quantize(prefix, i, names, *a, **k):
+        events.append(("quant", i, tuple(names)))
+        return orig_q(prefix, i, names, *a, **k)
+
+    monkeypatch.setattr(P, "_quantize_group", logging_quantize)
+    quantize_model(model, calib(6), GPTQSettings(QuantArgs(bits=4, group_size=32)), batch_size=2)
+    for i in range(len(layers)):
+        done = events.index(("quant", i, ("self_attn.o_proj",)))
+        assert ("attn", i) in events[:done]
+        assert ("attn", i) not in events[done:], f"layer {i}: attention recomputed after o_proj was quantized"
