@@ -34,7 +34,7 @@ class QuantizeConfig:
     device: str = "auto"
     dtype: str = "auto"
     calib_dtype: str = "auto"
-    hessian_dtype: str = "auto"        # auto: the dtype of the calibration forwards
+    hessian_dtype: str = "auto"        # auto: float32
     format: str | None = None          # None: gptq for symmetric, gptq_v2 for asymmetric
     overwrite: bool = False
     trust_remote_code: bool = False

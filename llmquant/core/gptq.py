@@ -130,10 +130,10 @@ class GPTQ:
 
     def quantize(
         self, W: torch.Tensor, args: QuantArgs, *, blocksize: int = 128, percdamp: float = 0.01,
-        act_order: bool = False, static_groups: bool = False, max_damp_retries: int = 10,
+        act_order: bool = False, static_groups: bool = False, max_damp_retries: int = 10, workers: int = 1,
     ) -> GPTQResult:
         return gptq_quantize(W, self.hessian, args, blocksize=blocksize, percdamp=percdamp, act_order=act_order,
-                             static_groups=static_groups, max_damp_retries=max_damp_retries)
+                             static_groups=static_groups, max_damp_retries=max_damp_retries, workers=workers)
 
 
 GRAM_BLOCKS = 4
