@@ -37,13 +37,16 @@ ROWS = {
         ("rtn", 3, 128, False, []),
         ("gptq", 3, 128, False, []),
     ],
-    "ablation": [
+    "ablation": [                   # W4 g128 asym, one lever at a time (the "why plain GPTQ ~ RTN")
+        ("rtn", 4, 128, False, ["--no-mse"]),
+        ("rtn", 4, 128, False, ["--mse"]),
         ("gptq", 4, 128, False, ["--no-act-order", "--no-static-groups", "--no-mse"]),   # the paper's plain GPTQ
-        ("gptq", 4, 128, False, ["--no-mse"]),
-        ("gptq", 4, 128, False, ["--no-static-groups"]),
-        ("gptq", 4, 128, False, ["--calib-dtype", "float32"]),
-        ("gptq", 4, -1, False, []),
-        ("rtn", 4, -1, False, []),
+        ("gptq", 4, 128, False, ["--no-static-groups", "--no-mse"]),                     # + act-order
+        ("gptq", 4, 128, False, ["--no-mse"]),                                           # + static groups
+        ("gptq", 4, 128, False, []),                                                     # + MSE clip = default
+        ("gptq", 4, 128, False, ["--damp", "0.1"]),
+        ("gptq", 4, 128, False, ["--nsamples", "32"]),
+        ("gptq", 4, 128, False, ["--calib-dtype", "float32", "--hessian-dtype", "float32"]),
     ],
 }
 
@@ -51,10 +54,11 @@ ROWS = {
 def run_row(model: str, method: str, bits: int, group: int, sym: bool, extra: list[str], out: Path,
             nsamples: int, seqlen: int) -> dict:
     cmd = ["llmquant", method, "--model", model, "--out", str(out), "--overwrite", "--bits", str(bits),
-           "--group-size", str(group), "--sym" if sym else "--asym", *extra]
+           "--group-size", str(group), "--sym" if sym else "--asym"]
     if method == "gptq":
         cmd += ["--dataset", str(DATA / "c4-train-1000.jsonl"), "--nsamples", str(nsamples), "--seqlen", str(seqlen),
                 "--seed", "0"]
+    cmd += extra                    # last, so a row's own flags win
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -79,6 +83,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(REPO / "runs" / "bench_gptq"))
     ap.add_argument("--json-out", default=str(REPO / "runs" / "bench_gptq.json"))
     ap.add_argument("--dense", action="store_true", help="also evaluate the dense model")
+    ap.add_argument("--only", default=None, help="run only rows whose tag contains one of these comma-separated strings")
     a = ap.parse_args()
 
     from rich.console import Console
@@ -97,6 +102,8 @@ def main() -> None:
         results.append({"method": "dense", "bits": 16, "group": "-", "sym": "-", "flags": "", "ppl": ev["ppl"]})
     for method, bits, group, sym, extra in rows:
         tag = f"{method}-w{bits}-g{group}-{'sym' if sym else 'asym'}{''.join(extra).replace('--', '-')}"
+        if a.only and not any(o in tag for o in a.only.split(",")):
+            continue
         out = Path(a.workdir) / tag
         console.print(f"[bold]{tag}[/]")
         r = run_row(model, method, bits, group, sym, extra, out, a.nsamples, a.seqlen)
