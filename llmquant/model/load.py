@@ -78,6 +78,7 @@ def resolve_device(device: str) -> str:
 
 
 _GGUF_META_CACHE: dict[tuple, dict] = {}
+_GGUF_READERS: dict[tuple, object] = {}      # read-only memory-mapped readers, per (file, size, mtime)
 
 
 @contextlib.contextmanager
@@ -87,8 +88,9 @@ def gguf_parse_once():
     transformers reads the whole GGUF metadata (tokenizer vocabulary included) separately for the
     config, the tokenizer config and the model, and rebuilds gguf's tensor-name table for every
     module it maps; on SmolLM2 that is most of the load time. Within this context both are memoized:
-    metadata per (file, size, mtime), name tables per (architecture, block count). Results are the
-    same objects transformers would compute; nothing is cached across processes.
+    metadata per (file, size, mtime), name tables per (architecture, block count), and the read-only
+    ``gguf.GGUFReader`` (whose Python parse of the 49k-token vocabulary is most of a load) is built once
+    per file. Results are the same objects transformers would compute; caches live for the process.
     """
     patches = []
     try:
@@ -99,6 +101,7 @@ def gguf_parse_once():
         return
     orig_load = getattr(mgu, "load_gguf_checkpoint", None)
     orig_map = getattr(gguf, "get_tensor_name_map", None)
+    orig_reader = getattr(gguf, "GGUFReader", None)
     if orig_load is not None:
         def load(path, return_tensors=False, *args, **kwargs):
             if return_tensors or args or kwargs:
@@ -113,6 +116,17 @@ def gguf_parse_once():
     if orig_map is not None:
         gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(orig_map)
         patches.append((gguf, "get_tensor_name_map", orig_map))
+    if orig_reader is not None:
+        def reader(path, mode="r"):
+            if mode != "r":
+                return orig_reader(path, mode)
+            st = os.stat(path)
+            key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+            if key not in _GGUF_READERS:
+                _GGUF_READERS[key] = orig_reader(path, mode)
+            return _GGUF_READERS[key]
+        gguf.GGUFReader = reader
+        patches.append((gguf, "GGUFReader", orig_reader))
     try:
         yield
     finally:
