@@ -126,7 +126,7 @@ def part_ptq(args, model, tok, ids, out: Path) -> None:
         base = copy.deepcopy(model)
         t = time.time()
         smooth_rep = smoothing_report(smooth_model(base, win, cfg.smooth_alpha, mode="static")) if cfg.smooth_alpha is not None else None
-        names = [n for n in target_linears(base) if n not in cfg.kept_dense(list(target_linears(base)))]
+        names = list(target_linears(base))           # all of them: the all-int8 row needs every scale
         scales = calibrate(base, win, cfg, names, observers=obs,
                            progress=lambda d, n: console.print(f"  calibration {d}/{n}", end="\r"))
         cal_s = round(time.time() - t, 1)
@@ -143,6 +143,17 @@ def part_ptq(args, model, tok, ids, out: Path) -> None:
             clips = [r["act_clip_ratio"] for r in rep["layers"]]
             res["observers"][o] = {"ppl": ppl(m, ids, args.static_windows or args.windows),
                                    "mean_act_clip_ratio": sum(clips) / len(clips), "min_act_clip_ratio": min(clips)}
+            write(out, "static", res)
+            del m
+        if args.all_int8_observer and cfg.keep_dense:
+            o = args.all_int8_observer
+            console.rule(f"static {o}, every linear int8 (no --keep-dense)")
+            m = copy.deepcopy(base)
+            rep = quantize_w8a8(m, PTQConfig(mode="static", observer=o, nsamples=cfg.nsamples, seqlen=cfg.seqlen,
+                                             smooth_alpha=cfg.smooth_alpha), act_scales=scales[o], smoothed=smooth_rep or True)
+            clips = [r["act_clip_ratio"] for r in rep["layers"]]
+            res["all_int8"] = {"observer": o, "ppl": ppl(m, ids, args.static_windows or args.windows),
+                               "mean_act_clip_ratio": sum(clips) / len(clips), "min_act_clip_ratio": min(clips)}
             write(out, "static", res)
             del m
         del base
@@ -264,6 +275,10 @@ def table(out: Path) -> None:
             row(f"W8A8 static {o}", v["ppl"], "best <= +5%" if o == best else "",
                 (lambda rel, p: rel <= 0.05) if o == best else (lambda rel, p: True),
                 f"act clip mean {v['mean_act_clip_ratio']:.3f}; " + prep(st))
+        if st.get("all_int8"):
+            v = st["all_int8"]
+            row(f"W8A8 static {v['observer']}, all int8", v["ppl"], "", lambda rel, p: True,
+                f"act clip mean {v['mean_act_clip_ratio']:.3f}; " + prep({**st, "kept_dense": []}))
     if qat:
         row(f"QAT {qat['bits']}-bit g128 (GPTQ ckpt)", qat["ppl"], "< 60", lambda rel, p: p < 60,
             f"{qat['config']['steps']} steps, qat wall {qat['wall_seconds']} s (target < 900 s)")
@@ -309,10 +324,12 @@ def main() -> None:
     ap.add_argument("--static-windows", type=int, default=None,
                     help="windows for the static observers (default: --windows); fewer on a loaded machine")
     ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--dynamic-alpha", type=alpha, default=0.5, help="SmoothQuant alpha for dynamic ('none': off)")
-    ap.add_argument("--static-alpha", type=alpha, default=0.5, help="SmoothQuant alpha for static ('none': off)")
+    ap.add_argument("--dynamic-alpha", type=alpha, default="search", help="SmoothQuant alpha for dynamic ('none': off)")
+    ap.add_argument("--static-alpha", type=alpha, default="search", help="SmoothQuant alpha for static ('none': off)")
     ap.add_argument("--keep-dense", default="", help="comma list of layer-name regexes left in float (static)")
     ap.add_argument("--keep-dense-dynamic", action="store_true", help="apply --keep-dense to dynamic too")
+    ap.add_argument("--all-int8-observer", default="minmax",
+                    help="with --keep-dense: also evaluate this observer with every linear int8 ('' to skip)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--lengths", default="128,512,2048", help="prompt lengths of the speed part")
