@@ -46,7 +46,6 @@ ROWS = {
         ("gptq", 4, 128, False, []),                                                     # + MSE clip = default
         ("gptq", 4, 128, False, ["--damp", "0.1"]),
         ("gptq", 4, 128, False, ["--nsamples", "64"]),
-        ("gptq", 4, 128, False, ["--calib-dtype", "float32", "--hessian-dtype", "float32"]),
     ],
 }
 
