@@ -13,6 +13,19 @@ of whatever parts exist (so parts can run in separate processes)::
     python scripts/bench_foundations.py --parts dense,dynamic,static,speed
     python scripts/bench_foundations.py --parts qat
     python scripts/bench_foundations.py --table
+
+The figures of the project note were produced one part at a time on one thread
+(``OMP_NUM_THREADS=1``; the QAT wall time is then an upper bound for the 2-core machine)::
+
+    python scripts/bench_foundations.py --parts qat
+    python scripts/bench_foundations.py --parts dynamic                       # SmoothQuant alpha search
+    python scripts/bench_foundations.py --parts static --keep-dense 'mlp\.down_proj$' --all-int8-observer minmax
+    python scripts/bench_foundations.py --parts speed
+
+Static W8A8 with per-tensor activation steps: SmolLM2's MLP ``down_proj`` inputs (SwiGLU outputs) are
+heavy-tailed across tokens, which no per-channel smoothing removes; the static rows therefore keep
+the 30 ``down_proj`` layers in float (``--keep-dense``, shown in the table), and the extra
+"all int8" row gives the figure with every linear in int8.
 """
 from __future__ import annotations
 

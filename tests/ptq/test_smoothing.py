@@ -92,3 +92,20 @@ def test_alpha_search_picks_per_group_alphas_and_preserves_outputs():
     for g in plan:
         if g.producer is not None:
             assert g.search_error[str(g.alpha)] == min(g.search_error.values())
+
+
+@pytest.mark.slow
+def test_smollm2_every_group_smoothed_and_outputs_kept(smollm2_path):
+    """On the real model every one of the 120 groups finds its producer (norms, up_proj, v_proj under
+    GQA) and the float32 logits stay the same up to round-off."""
+    from llmquant.model.load import load_causal_lm, resolve_source
+    torch.manual_seed(0)
+    m = load_causal_lm(resolve_source(str(smollm2_path)), torch.float32)
+    x = torch.randint(0, 49152, (1, 48))
+    with torch.no_grad():
+        ref = m(x).logits
+        plan = smooth_model(m, x, alpha=0.5)
+        out = m(x).logits
+    assert len(plan) == 120 and all(g.producer is not None for g in plan), [g.reason for g in plan if not g.producer]
+    assert {g.producer.rsplit(".", 1)[-1] for g in plan} == {"input_layernorm", "v_proj", "post_attention_layernorm", "up_proj"}
+    assert float((out - ref).norm() / ref.norm()) < 1e-4
