@@ -51,7 +51,7 @@ from rich.table import Table  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 DENSE_REFERENCE = 20.57          # the project's verified dense figure (first 40 windows)
-console = Console(stderr=True)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def smollm2() -> str:
@@ -249,6 +249,26 @@ def part_qat(args, out: Path) -> None:
                        "checkpoint": str(ckpt), "machine": machine()})
 
 
+def kept_summary(names: list[str]) -> str:
+    """``model.layers.{i}.mlp.down_proj`` x 30 -> ``mlp.down_proj of 30 layers (0-29)``."""
+    import re
+    by: dict[str, list[int]] = {}
+    other = []
+    for n in names:
+        m = re.match(r".*?\.(\d+)\.(.+)$", n)
+        if m:
+            by.setdefault(m.group(2), []).append(int(m.group(1)))
+        else:
+            other.append(n)
+    parts = []
+    for suffix, idx in by.items():
+        idx.sort()
+        span = f"{idx[0]}-{idx[-1]}" if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 2 else \
+            ",".join(map(str, idx))
+        parts.append(f"{suffix} of {len(idx)} layer{'s' if len(idx) > 1 else ''} ({span})")
+    return "; ".join(parts + other)
+
+
 def table(out: Path) -> None:
     def get(p):
         f = out / f"{p}.json"
@@ -278,7 +298,7 @@ def table(out: Path) -> None:
         a = d.get("smooth_alpha")
         kept = d.get("kept_dense") or []
         return (f"SmoothQuant alpha {a}" if a is not None else "no smoothing") + \
-            (f"; float: {', '.join(k.replace('model.layers.', 'L') for k in kept)}" if kept else "; all linears int8")
+            (f"; kept in float: {kept_summary(kept)}" if kept else "; all linears int8")
     if dyn:
         row("W8A8 dynamic", dyn["ppl"], "<= +2%", lambda rel, p: rel <= 0.02,
             ("torch._int_mm" if dyn["int_mm"] else "float path") + "; " + prep(dyn))
