@@ -32,7 +32,6 @@ class GPTQSettings:
     static_groups: bool = False
     compute_dtype: torch.dtype | None = None   # autocast dtype for the forward passes (None: model dtype)
     hessian_dtype: torch.dtype = torch.float32  # dtype of each batch's x^T x; H always sums in float32
-    workers: int = 1                            # row slices quantized in parallel threads
     cache_budget_bytes: int = 4 << 30          # outputs of finished sub-modules kept to skip recomputation
 
 
@@ -442,7 +441,7 @@ def _quantize_group(prefix, i, names, linears, gp: GPTQ, settings: GPTQSettings,
     rows = [w.shape[0] for w in Ws]
     res: GPTQResult = gp.quantize(torch.cat(Ws, 0), settings.args, blocksize=settings.blocksize,
                                   percdamp=settings.percdamp, act_order=settings.act_order,
-                                  static_groups=settings.static_groups, workers=settings.workers)
+                                  static_groups=settings.static_groups)
     seconds = (time.perf_counter() - t1) / len(names)
     r0 = 0
     for n, nrows in zip(names, rows):

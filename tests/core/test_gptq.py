@@ -186,18 +186,6 @@ def test_bfloat16_gram_of_bfloat16_inputs(K):
     assert torch.equal(gp.hessian, gp.hessian.T)
 
 
-def test_row_slices_in_threads_equal_one_pass():
-    """Rows never interact in GPTQ: quantizing them in two threads gives the same codes and loss."""
-    torch.manual_seed(10)
-    X = correlated_inputs(192, 600)
-    W = torch.randn(300, 192)
-    a = QuantArgs(bits=4, group_size=64, mse=True)
-    one = gptq_quantize(W, hessian(X), a, act_order=True, static_groups=False)
-    two = gptq_quantize(W, hessian(X), a, act_order=True, static_groups=False, workers=2)
-    assert torch.equal(one.qweight.q, two.qweight.q) and torch.equal(one.qweight.scale, two.qweight.scale)
-    assert torch.allclose(one.loss, two.loss, rtol=1e-5)
-
-
 def test_damping_grows_gently_until_positive_definite():
     """diag(1, ..., 1, -0.02): positive definite once damp * mean(diag) > 0.02, i.e. damp > 0.0229.
     Doubling from 0.01 stops at 0.04 (0.02 is not enough); a 10x schedule would jump to 0.1."""
