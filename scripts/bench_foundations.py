@@ -21,9 +21,9 @@ The figures of the project note were produced one part at a time on one thread
     python scripts/bench_foundations.py --parts dynamic                       # SmoothQuant alpha search
     python scripts/bench_foundations.py --parts static --keep-dense 'mlp\.down_proj$' --all-int8-observer minmax
     python scripts/bench_foundations.py --parts speed
-    # the smallest float set tried: the three down_proj with massive activations (minmax only)
-    python scripts/bench_foundations.py --parts static --observers minmax --all-int8-observer '' \
-        --keep-dense 'layers\.(11|28|29)\.mlp\.down_proj$' --out runs/foundations_keep3
+    # the smallest float set tried: the three down_proj with massive activations, all four observers
+    python scripts/bench_foundations.py --parts static --all-int8-observer '' \
+        --keep-dense 'layers\.(11|28|29)\.mlp\.down_proj$' --out runs/foundations_keep3_all
 
 Static W8A8 with per-tensor activation steps: SmolLM2's MLP ``down_proj`` inputs (SwiGLU outputs) are
 heavy-tailed across tokens, which no per-channel smoothing removes; the static rows therefore keep
