@@ -40,7 +40,7 @@ def _compute_dtype(cfg: QuantizeConfig, device: str, model_dtype: torch.dtype) -
     return None if want == model_dtype or want == torch.float32 else want
 
 
-def _hessian_dtype(cfg: QuantizeConfig, device: str, compute_dtype: torch.dtype | None) -> torch.dtype:
+def _hessian_dtype(cfg: QuantizeConfig, device: str) -> torch.dtype:
     """``auto`` is float32 (what the issue and the reference code use). bfloat16 products are 2x faster on
     this CPU but round each batch's sum to 2^-9 of its entries; measured on SmolLM2 W4 g128 asym (128 x 512
     C4): 4 of 210 Hessians then need more damping (layers.11.mlp.down_proj loss 113 -> 342), the summed
@@ -111,7 +111,7 @@ def run_quantize(cfg: QuantizeConfig, method: str = "gptq", step: Step | None = 
     compute_dtype = _compute_dtype(cfg, device, next(model.parameters()).dtype)
     settings = GPTQSettings(args, blocksize=cfg.block_size, percdamp=cfg.damp, act_order=cfg.act_order,
                             static_groups=cfg.static_groups, compute_dtype=compute_dtype,
-                            hessian_dtype=_hessian_dtype(cfg, device, compute_dtype))
+                            hessian_dtype=_hessian_dtype(cfg, device))
     t = time.perf_counter()
     result = quantize_model(model, calib, settings, method=method, device=device, batch_size=cfg.batch_size,
                             on_step=step)

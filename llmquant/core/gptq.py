@@ -151,17 +151,19 @@ def add_gram_upper_(H: torch.Tensor, x: torch.Tensor) -> None:
     """
     K = x.shape[1]
     if K < GRAM_MIN_K:
-        if x.dtype == H.dtype:
-            H.addmm_(x.t(), x)                                      # [K, n] @ [n, K]
-        else:
-            H.add_(x.t() @ x)
+        _add_product_(H, x.t(), x)                                  # [K, n] @ [n, K]
         return
     bs = math.ceil(K / GRAM_BLOCKS)
     for i in range(0, K, bs):
-        if x.dtype == H.dtype:
-            H[i:i + bs, i:].addmm_(x[:, i:i + bs].t(), x[:, i:])   # [bs, n] @ [n, K - i]
-        else:
-            H[i:i + bs, i:].add_(x[:, i:i + bs].t() @ x[:, i:])
+        _add_product_(H[i:i + bs, i:], x[:, i:i + bs].t(), x[:, i:])   # [bs, n] @ [n, K - i]
+
+
+def _add_product_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b``; ``a, b`` in a narrower dtype than ``out`` multiply in theirs."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(a @ b)
 
 
 def symmetrize_upper(H: torch.Tensor) -> torch.Tensor:
