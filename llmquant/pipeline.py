@@ -307,9 +307,7 @@ class StageRunner:
     def __init__(self, layer: nn.Module, linears: dict[str, nn.Module], budget: int,
                  templates: dict[str, tuple] | None = None, groups: list[list[str]] | None = None):
         self.layer = layer
-        self.units: dict[str, nn.Module] = {n: m for n, m in layer.named_children()
-                                            if any(k.startswith(n + ".") for k in linears)}
-        self.units.update(linears)
+        self.units: dict[str, nn.Module] = {**_block_units(layer, linears), **linears}
         self.inside = {n: {k for k in linears if k == n or k.startswith(n + ".")} for n in self.units}
         self.quantized: set[str] = set()
         self.cache: dict[str, list] = {}
@@ -330,7 +328,7 @@ class StageRunner:
     def probe(layer: nn.Module, linears: dict[str, nn.Module], args: tuple, kwargs: dict) -> dict[str, tuple]:
         """Units whose output is (the first element of) one inner linear's output object, with any other
         output elements non-tensors: ``{unit: (linear name, other elements or None)}``."""
-        units = {n: m for n, m in layer.named_children() if any(k.startswith(n + ".") for k in linears)}
+        units = _block_units(layer, linears)
         outs: dict[str, list] = {n: [] for n in [*units, *linears]}
         mods = {**units, **linears}
         hs = [mods[n].register_forward_hook(lambda m, a, o, n=n: outs[n].append(o)) for n in outs]
@@ -417,6 +415,11 @@ class StageRunner:
         for n in [n for n in self.term_inputs if n in self.cache]:
             self.cached_bytes -= sum(_nbytes(v) for v in self.term_inputs.pop(n))
         return outs
+
+
+def _block_units(layer: nn.Module, linears: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Direct children of ``layer`` that hold linear layers (the attention block, the MLP)."""
+    return {n: m for n, m in layer.named_children() if any(k.startswith(n + ".") for k in linears)}
 
 
 def _nbytes(o) -> int:
