@@ -81,6 +81,12 @@ _GGUF_META_CACHE: dict[tuple, dict] = {}
 _GGUF_READERS: dict[tuple, object] = {}      # read-only memory-mapped readers, per (file, size, mtime)
 
 
+def _file_key(path) -> tuple:
+    """Cache key of a file: its real path, size and modification time."""
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_size, st.st_mtime_ns
+
+
 @contextlib.contextmanager
 def gguf_parse_once():
     """Parse a .gguf file's metadata once per process instead of once per transformers call.
@@ -106,8 +112,7 @@ def gguf_parse_once():
         def load(path, return_tensors=False, *args, **kwargs):
             if return_tensors or args or kwargs:
                 return orig_load(path, return_tensors, *args, **kwargs)
-            st = os.stat(path)
-            key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+            key = _file_key(path)
             if key not in _GGUF_META_CACHE:
                 _GGUF_META_CACHE[key] = orig_load(path, return_tensors=False)
             return copy.deepcopy(_GGUF_META_CACHE[key])
@@ -120,8 +125,7 @@ def gguf_parse_once():
         def reader(path, mode="r"):
             if mode != "r":
                 return orig_reader(path, mode)
-            st = os.stat(path)
-            key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+            key = _file_key(path)
             if key not in _GGUF_READERS:
                 _GGUF_READERS[key] = orig_reader(path, mode)
             return _GGUF_READERS[key]
