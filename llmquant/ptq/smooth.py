@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from llmquant.core.quantizers import quantize_per_token
 from llmquant.core.smooth import pool_by_map, smoothing_factors, weight_column_amax
 from llmquant.errors import InputError
 from llmquant.model.discovery import (
@@ -176,6 +177,7 @@ def find_smooth_groups(layer: nn.Module, args: tuple, kwargs: dict) -> list[Smoo
     linears = find_linears(layer)
     groups = [g.names for g in trace_groups(layer, args, kwargs)]
     y0, xin, outs, order = _run(layer, args, kwargs, linears, True)
+    mods = dict(layer.named_modules())
     first_call = {}
     for i, n in enumerate(order):
         first_call.setdefault(n, i)
@@ -190,8 +192,8 @@ def find_smooth_groups(layer: nn.Module, args: tuple, kwargs: dict) -> list[Smoo
         K = x0.shape[-1]
         cands = []
         for n, o in outs:
-            if o is x0 and n not in linears and _norm_weight(dict(layer.named_modules())[n]) is not None \
-                    and _norm_weight(dict(layer.named_modules())[n]).numel() == K:
+            w = _norm_weight(mods[n])
+            if o is x0 and n not in linears and w is not None and w.numel() == K:
                 cands += [(n, "norm"), (n, "norm1p")]
         before = sorted((n for n in linears if n not in names and n in first_call
                          and first_call[n] < first_call[names[0]]), key=lambda n: -first_call[n])
@@ -203,7 +205,7 @@ def find_smooth_groups(layer: nn.Module, args: tuple, kwargs: dict) -> list[Smoo
             idx = _probe(layer, args, kwargs, linears, names, cand, kind, y0, x0)
             if idx is not None:
                 g.producer, g.kind, g.index = cand, kind, idx
-                m = dict(layer.named_modules())[cand]
+                m = mods[cand]
                 g.size = weight_matrix(m).shape[0] if kind == "linear" else _norm_weight(m).numel()
                 break
         else:
@@ -271,9 +273,10 @@ ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(4, 20))      # 0.2 .. 0.95
 
 
 def _fq_rows(x: torch.Tensor) -> torch.Tensor:
-    """Symmetric int8 fake quantization, one step per row of ``x [R, C]``."""
-    step = (x.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
-    return torch.clamp(torch.round(x / step), -127, 127) * step
+    """Symmetric int8 fake quantization, one step per row of ``x [R, C]``: the quantizer W8A8 layers
+    use for weights and dynamic activations."""
+    q, step = quantize_per_token(x, bits=8)
+    return q.float() * step
 
 
 @torch.no_grad()
