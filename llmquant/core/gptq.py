@@ -262,7 +262,7 @@ def gptq_quantize(
         blocksize = G * max(1, blocksize // G) if G <= blocksize else G
 
     with single_thread():
-        Q, Losses, scales, zeros = _gptq_rows(W, Hinv, args, G, static, perm, col_group, hdiag, blocksize)
+        Q, Losses, scales, zeros = _gptq_blocks(W, Hinv, args, G, static, perm, col_group, hdiag, blocksize)
 
     g_idx = col_group.clone()
     if perm is not None:
@@ -276,8 +276,8 @@ def gptq_quantize(
     return GPTQResult(qw, Q, Losses.sum(1), damp, dead=int(dead.sum()))
 
 
-def _gptq_rows(W, Hinv, args, G, static, perm, col_group, hdiag, blocksize):
-    """GPTQ of the rows ``W [n, K]`` (original column order). Returns ``Q`` (visit order),
+def _gptq_blocks(W, Hinv, args, G, static, perm, col_group, hdiag, blocksize):
+    """The lazy-batch block loop over ``W [n, K]`` (original column order). Returns ``Q`` (visit order),
     ``Losses [n, K]``, ``scales``, ``zeros [n, n_groups]``."""
     N, K = W.shape
     n_groups = math.ceil(K / G)
