@@ -155,11 +155,17 @@ def capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
 
 
 def _forward_streaming(model, layers, ids, device, autocast):
-    """A full forward with each decoder layer moved to ``device`` only while it runs."""
-    hooks = [layer.register_forward_pre_hook(lambda m, a: m.to(device)) for layer in layers]
-    hooks += [layer.register_forward_hook(lambda m, a, o: m.to("cpu")) for layer in layers]
+    """A full forward with each of ``layers`` moved to ``device`` only while it runs."""
+    def arrive(m, args):            # hooks return None: a returned value would replace inputs/outputs
+        m.to(device)
+
+    def leave(m, args, out):
+        m.to("cpu")
+
+    hooks = [layer.register_forward_pre_hook(arrive) for layer in layers]
+    hooks += [layer.register_forward_hook(leave) for layer in layers]
     try:
-        model(input_ids=ids, use_cache=False)
+        return model(input_ids=ids, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
