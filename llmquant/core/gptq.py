@@ -248,7 +248,7 @@ def gptq_quantize(
     Hinv, damp = damped_inverse_cholesky(H, percdamp, max_damp_retries)
     if Hinv is None:
         qw, Q = rtn(W, args, hdiag)
-        return GPTQResult(qw, Q, torch.full((N,), float("nan")), damp,
+        return GPTQResult(qw, Q, torch.full((N,), float("nan"), device=W.device), damp,
                           fallback=f"Hessian not positive definite after damping {damp:g}; used RTN", dead=int(dead.sum()))
 
     # Static groups: parameters fitted on the original column order before any update.

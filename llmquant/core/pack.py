@@ -84,7 +84,7 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
             f"allowed [0, {2**bits - 1}]"
         )
     chunks = q64.reshape(K // codes, codes, N)                 # [C, codes, N]
-    out = torch.zeros(K // codes, words, N, dtype=torch.int64)  # [C, words, N]
+    out = torch.zeros(K // codes, words, N, dtype=torch.int64, device=q.device)  # [C, words, N]
     for i in range(codes):
         w, s = divmod(i * bits, 32)
         v = chunks[:, i, :]                                     # [C, N]
@@ -112,7 +112,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
         )
     u = _to_uint(packed).reshape(K // codes, words, N)          # [C, words, N]
     mask = 2**bits - 1
-    out = torch.empty(K // codes, codes, N, dtype=torch.int64)  # [C, codes, N]
+    out = torch.empty(K // codes, codes, N, dtype=torch.int64, device=packed.device)  # [C, codes, N]
     for i in range(codes):
         w, s = divmod(i * bits, 32)
         v = u[:, w, :] >> s
