@@ -137,6 +137,8 @@ def run_quantize(cfg: QuantizeConfig, method: str = "gptq", step: Step | None = 
             "fallbacks": fallbacks,
         },
     }
+    if device.startswith("cuda"):
+        report["totals"]["peak_cuda_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     qconf = {"bits": cfg.bits, "group_size": cfg.group_size, "sym": cfg.sym,
              "desc_act": bool(cfg.act_order and method == "gptq"),
              "static_groups": bool(cfg.static_groups and method == "gptq"),

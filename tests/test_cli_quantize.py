@@ -53,7 +53,7 @@ def test_gptq_end_to_end_checkpoint_loads_to_the_same_logits(model_dir, calib_fi
     assert all(m["tokens"] == 4 * 32 and m["damp"] == 0.01 for m in rep["modules"])
     # the runtime's reader gives the same dequantized weights the pipeline computed with
     import llmquant
-    q = llmquant.load(str(out), kernel="reference", dtype="float32")
+    q = llmquant.load(str(out), device="cpu", kernel="reference", dtype="float32")
     ids = torch.randint(3, 256, (1, 24))
     from llmquant.checkpoint import load_quantized_weights
     qws = load_quantized_weights(str(out))
@@ -180,7 +180,7 @@ def test_gptq_eval_stores_perplexity_in_report(model_dir, calib_file, tmp_path):
     recipe = tmp_path / "e.yaml"
     recipe.write_text(f"eval-dataset: {text}\neval-seqlen: 64\neval-windows: 3\n")
     out = tmp_path / "ev"
-    code, txt = run(*base(model_dir, calib_file, out, "--eval", "--config", recipe))
+    code, txt = run(*base(model_dir, calib_file, out, "--eval", "--config", recipe, "--device", "cpu"))
     assert code == 0, txt
     rep = json.loads((out / "quant_report.json").read_text())
     assert rep["eval"]["windows"] == 3 and rep["eval"]["dtype"] == "float32"
@@ -188,7 +188,7 @@ def test_gptq_eval_stores_perplexity_in_report(model_dir, calib_file, tmp_path):
     import math
     import llmquant
     from llmquant.data import load_corpus, tokenize_stream
-    m = llmquant.load(str(out), dtype="float32", kernel="reference")
+    m = llmquant.load(str(out), device="cpu", dtype="float32", kernel="reference")
     ids = tokenize_stream(tiny.tiny_tokenizer(), load_corpus(str(text)))
     nll = 0.0
     with torch.no_grad():
@@ -196,3 +196,22 @@ def test_gptq_eval_stores_perplexity_in_report(model_dir, calib_file, tmp_path):
             x = ids[:, w * 64:(w + 1) * 64]
             nll += m(x, labels=x).loss.item()
     assert math.isclose(rep["eval"]["ppl"], math.exp(nll / 3), rel_tol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gptq_on_cuda_end_to_end(model_dir, calib_file, tmp_path):
+    """``--device cuda``: the report says cuda, and the checkpoint runs on the GPU (int4 kernel where
+    it applies) with the logits of the float32 reference path on CPU."""
+    out = tmp_path / "q"
+    code, text = run(*base(model_dir, calib_file, out, "--bits", 4, "--asym", "--device", "cuda"))
+    assert code == 0, text
+    rep = json.loads((out / "quant_report.json").read_text())
+    assert rep["device"] == "cuda" and rep["totals"]["fallbacks"] == []
+    import llmquant
+    ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    ref = llmquant.load(str(out), device="cpu", kernel="reference", dtype="float32")
+    gpu = llmquant.load(str(out), device="cuda", dtype="bfloat16")
+    with torch.no_grad():
+        a = ref(ids).logits.float()
+        b = gpu(ids.cuda()).logits.float().cpu()
+    assert ((a - b).abs().max() / a.abs().max()).item() < 5e-2
