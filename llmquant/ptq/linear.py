@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llmquant.core.quantizers import quantize_per_token
@@ -29,14 +30,15 @@ QMAX = 127
 
 
 @functools.lru_cache(maxsize=None)
-def int_mm_available() -> bool:
-    """Whether ``torch._int_mm`` runs here and gives the exact int32 product."""
+def int_mm_available(device_type: str = "cpu") -> bool:
+    """Whether ``torch._int_mm`` runs on this device type and gives the exact int32 product."""
     if not hasattr(torch, "_int_mm"):
         return False
     try:
         a = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
         b = torch.randint(-127, 128, (64, 32), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
-        return bool(torch.equal(torch._int_mm(a, b), (a.long() @ b.long()).int()))
+        ref = (a.long() @ b.long()).int()
+        return bool(torch.equal(torch._int_mm(a.to(device_type), b.to(device_type)).cpu(), ref))
     except (RuntimeError, NotImplementedError):
         return False
 
@@ -47,8 +49,10 @@ def int8_matmul(a: torch.Tensor, b_t: torch.Tensor, backend: str = "auto") -> to
     The float path is exact while every partial sum stays below ``2^24`` in magnitude.
     """
     if backend == "auto":
-        backend = "int_mm" if int_mm_available() else "float"
+        backend = "int_mm" if int_mm_available(a.device.type) else "float"
     if backend == "int_mm":
+        if a.device.type == "cuda" and a.shape[0] <= 16:      # CUDA's _int_mm wants more than 16 rows
+            return torch._int_mm(F.pad(a, (0, 0, 0, 17 - a.shape[0])), b_t)[: a.shape[0]]
         return torch._int_mm(a, b_t)
     if backend == "float":
         return a.float() @ b_t.float()

@@ -198,3 +198,14 @@ def test_one_calibration_pass_for_several_observers():
     m2 = tiny_model()
     rep = quantize_w8a8(m2, PTQConfig(mode="static", observer="kl", smooth_alpha=None), act_scales=many["kl"])
     assert rep["layers"][0]["act_scale"] == single[names[0]]["scale"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 40])
+def test_int8_matmul_on_cuda_is_exact_for_any_row_count(M):
+    """CUDA's ``_int_mm`` refuses 16 rows or fewer; decode (1 row) must still get the exact product."""
+    g = torch.Generator().manual_seed(M)
+    a = torch.randint(-127, 128, (M, 64), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (64, 48), dtype=torch.int8, generator=g)
+    got = int8_matmul(a.cuda(), b.cuda()).cpu()
+    assert torch.equal(got.long(), a.long() @ b.long())
