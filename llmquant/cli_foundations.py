@@ -17,7 +17,15 @@ from llmquant.errors import InputError
 
 DEFAULT_DATASET = "c4"
 DYNAMIC_ALPHA = "search"         # SmolLM2 dynamic, 4 windows: +1.4% (search) vs +1.6% (0.5) vs +3.3% (none)
+STATIC_ROTATE = ("none",)        # set from the SmolLM2 measurement (bench_foundations --rotate)
 STATIC_ALPHA = "search"          # per-group search: SmolLM2 static minmax 28.6 vs 32.4 at 0.5 (4 windows)
+
+
+def _rotate(values: list[str]) -> tuple[str, ...]:
+    """``--rotate``: 'none' turns it off; 'down_proj' is short for the MLP down projections."""
+    if any(v.lower() == "none" for v in values):
+        return ()
+    return tuple(r"mlp\.down_proj$" if v == "down_proj" else v for v in values)
 
 
 def _alpha(v: str):
@@ -160,6 +168,8 @@ def _summary(title: str, report: dict, path: Path, report_path: Path) -> None:
     else:
         t.add_row("SmoothQuant", "off")
     t.add_row("kept in float (--keep-dense)", ", ".join(report.get("kept_dense") or []) or "none")
+    if report.get("rotated"):
+        t.add_row("input rotated (--rotate)", f"{len(report['rotated'])} layers")
     if cfg.get("mode") == "static":
         t.add_row("observer", cfg["observer"])
         clips = [r["act_clip_ratio"] for r in report["layers"] if "act_clip_ratio" in r]
@@ -210,6 +220,8 @@ def ptq_static_cmd(
     smooth: bool = typer.Option(True, "--smooth/--no-smooth", help="SmoothQuant before calibrating."),
     smooth_alpha: str = typer.Option(STATIC_ALPHA, "--smooth-alpha", help="SmoothQuant strength in [0, 1], or 'search' (per layer group, least W8A8 output error)."),
     keep_dense: list[str] = typer.Option([], "--keep-dense", help="Regex of layer names left in float (repeatable; reported)."),
+    rotate: list[str] = typer.Option(list(STATIC_ROTATE), "--rotate", help="Regex of layer names whose input is Hadamard-rotated before quantizing (repeatable; 'down_proj' is short for the MLP down projections; 'none': off)."),
+    smooth_rotated: bool = typer.Option(True, "--smooth-rotated/--no-smooth-rotated", help="Also SmoothQuant the rotated layers' groups (the alpha search then includes 'no smoothing')."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
 ) -> None:
@@ -217,7 +229,7 @@ def ptq_static_cmd(
     from llmquant.ptq import PTQConfig
     cfg = PTQConfig(mode="static", observer=observer, percentile=percentile, nsamples=nsamples, seqlen=seqlen,
                     seed=seed, backend=backend, smooth_alpha=_alpha(smooth_alpha) if smooth else None,
-                    keep_dense=tuple(keep_dense))
+                    keep_dense=tuple(keep_dense), rotate=_rotate(rotate), smooth_rotated=smooth_rotated)
     _ptq(model, out_dir, cfg, dataset, overwrite, trust_remote_code)
 
 

@@ -113,8 +113,13 @@ def keep_dense(args) -> tuple[str, ...]:
     return tuple(p for p in args.keep_dense.split(",") if p)
 
 
+def rotate_patterns(args) -> tuple[str, ...]:
+    return () if args.rotate in ("", "none") else tuple(p for p in args.rotate.split(",") if p)
+
+
 def part_ptq(args, model, tok, ids, out: Path) -> None:
     from llmquant.ptq import PTQConfig, calibrate, int_mm_available, quantize_w8a8, target_linears
+    from llmquant.ptq.rotation import rotation_factor
     from llmquant.ptq.smooth import smooth_model, smoothing_report
     parts = args.parts
     if "dense" in parts:
@@ -137,24 +142,31 @@ def part_ptq(args, model, tok, ids, out: Path) -> None:
         console.rule("W8A8 static: smoothing, then one calibration pass for every observer")
         obs = tuple(args.observers.split(","))
         cfg = PTQConfig(mode="static", nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
-                        smooth_alpha=args.static_alpha, keep_dense=keep_dense(args))
+                        smooth_alpha=args.static_alpha, keep_dense=keep_dense(args), rotate=rotate_patterns(args),
+                        smooth_rotated=args.smooth_rotated)
         win = calib(tok, cfg.nsamples, cfg.seqlen, cfg.seed)
         base = copy.deepcopy(model)
         t = time.time()
-        smooth_rep = smoothing_report(smooth_model(base, win, cfg.smooth_alpha, mode="static")) if cfg.smooth_alpha is not None else None
-        names = list(target_linears(base))           # all of them: the all-int8 row needs every scale
-        scales = calibrate(base, win, cfg, names, observers=obs,
+        all_names = list(target_linears(base))       # all of them: the all-int8 row needs every scale
+        rotations = {n: rotation_factor(base.get_submodule(n).weight.shape[1]) for n in cfg.rotated(all_names)}
+        smooth_rep = smoothing_report(smooth_model(
+            base, win, cfg.smooth_alpha, mode="static", rotations=rotations,
+            skip=() if cfg.smooth_rotated else tuple(rotations))) if cfg.smooth_alpha is not None else None
+        names = all_names
+        scales = calibrate(base, win, cfg, names, observers=obs, rotations=rotations,
                            progress=lambda d, n: console.print(f"  calibration {d}/{n}", end="\r"))
         cal_s = round(time.time() - t, 1)
         res = {"calibration": {"nsamples": cfg.nsamples, "seqlen": cfg.seqlen, "seconds_smooth_and_all_observers": cal_s,
                                "dataset": "c4-train-1000.jsonl"}, "smooth_alpha": cfg.smooth_alpha,
                "smoothed_groups": smooth_rep["smoothed"] if smooth_rep else 0,
-               "kept_dense": cfg.kept_dense(list(target_linears(base))), "observers": {}, "machine": machine()}
+               "kept_dense": cfg.kept_dense(list(target_linears(base))), "rotated": list(rotations),
+               "smooth_rotated": cfg.smooth_rotated, "observers": {}, "machine": machine()}
         for o in obs:
             console.rule(f"static {o}")
             m = copy.deepcopy(base)
             rep = quantize_w8a8(m, PTQConfig(mode="static", observer=o, nsamples=cfg.nsamples, seqlen=cfg.seqlen,
-                                             smooth_alpha=cfg.smooth_alpha, keep_dense=cfg.keep_dense),
+                                             smooth_alpha=cfg.smooth_alpha, keep_dense=cfg.keep_dense,
+                                             rotate=cfg.rotate, smooth_rotated=cfg.smooth_rotated),
                                 act_scales=scales[o], smoothed=smooth_rep or True)
             clips = [r["act_clip_ratio"] for r in rep["layers"]]
             res["observers"][o] = {"ppl": ppl(m, ids, args.static_windows or args.windows),
@@ -166,7 +178,9 @@ def part_ptq(args, model, tok, ids, out: Path) -> None:
             console.rule(f"static {o}, every linear int8 (no --keep-dense)")
             m = copy.deepcopy(base)
             rep = quantize_w8a8(m, PTQConfig(mode="static", observer=o, nsamples=cfg.nsamples, seqlen=cfg.seqlen,
-                                             smooth_alpha=cfg.smooth_alpha), act_scales=scales[o], smoothed=smooth_rep or True)
+                                             smooth_alpha=cfg.smooth_alpha, rotate=cfg.rotate,
+                                             smooth_rotated=cfg.smooth_rotated),
+                                act_scales=scales[o], smoothed=smooth_rep or True)
             clips = [r["act_clip_ratio"] for r in rep["layers"]]
             res["all_int8"] = {"observer": o, "ppl": ppl(m, ids, args.static_windows or args.windows),
                                "mean_act_clip_ratio": sum(clips) / len(clips), "min_act_clip_ratio": min(clips)}
@@ -366,6 +380,10 @@ def main() -> None:
     ap.add_argument("--keep-dense-dynamic", action="store_true", help="apply --keep-dense to dynamic too")
     ap.add_argument("--all-int8-observer", default="minmax",
                     help="with --keep-dense: also evaluate this observer with every linear int8 ('' to skip)")
+    ap.add_argument("--rotate", default="none",
+                    help="static: comma list of layer-name regexes whose input is Hadamard-rotated ('none': off)")
+    ap.add_argument("--smooth-rotated", action=argparse.BooleanOptionalAction, default=True,
+                    help="static: SmoothQuant the rotated layers too (alpha search includes 'no smoothing')")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--lengths", default="128,512,2048", help="prompt lengths of the speed part")

@@ -8,6 +8,9 @@ Directory (written atomically: a temp dir in the same parent, then renamed)::
                              <name>.weight_scale  [N]    float32
                              <name>.input_scale   []     float32   (static only)
                              <name>.bias          [N]              (if the layer has one)
+                             <name>.rotation      [m, m] float32   (layers in quantization_config
+                                                                    "rotated": input rotation factor;
+                                                                    checkpoints without it load as before)
     tokenizer files, generation_config.json, quant_report.json
 
 The runtime loader (:mod:`llmquant.runtime.loader`, registry key ``llmquant_w8a8``) builds the model
@@ -105,12 +108,17 @@ def apply_w8a8(model, tensors: dict[str, torch.Tensor], quant_config: dict):
     if mode not in ("dynamic", "static"):
         raise CheckpointError(f"quantization_config mode {mode!r} is unknown; expected dynamic or static")
     static = mode == "static"
+    rotated = quant_config.get("rotated", [])
+    if not isinstance(rotated, list) or any(n not in modules for n in rotated):
+        raise CheckpointError("quantization_config 'rotated' must list layers of 'modules'; config.json was edited")
+    rotated = set(rotated)
     named = dict(model.named_modules())
     for name in modules:
         if name not in named:
             raise CheckpointError(f"layer {name} of quantization_config is not in the model; config.json was edited")
         K, N = _features(named[name])
-        need = ["qweight", "weight_scale"] + (["input_scale"] if static else [])
+        rot = name in rotated
+        need = ["qweight", "weight_scale"] + (["input_scale"] if static else []) + (["rotation"] if rot else [])
         for part in need:
             if f"{name}.{part}" not in tensors:
                 raise CheckpointError(f"tensor {name}.{part} is missing; the checkpoint is incomplete, re-export it")
@@ -120,7 +128,13 @@ def apply_w8a8(model, tensors: dict[str, torch.Tensor], quant_config: dict):
                                   f"do not match the layer ({N}, {K}); the checkpoint does not match config.json")
         bias = tensors.pop(f"{name}.bias", None)
         m = W8A8Linear(K, N, bias=bias is not None, static=static,
-                       dtype=bias.dtype if bias is not None else torch.float32)
+                       dtype=bias.dtype if bias is not None else torch.float32, rotated=rot)
+        if rot:
+            R = tensors.pop(f"{name}.rotation").float()
+            if tuple(R.shape) != tuple(m.rotation.shape):
+                raise CheckpointError(f"layer {name}: rotation {tuple(R.shape)} does not fit the input width {K} "
+                                      f"(expected {tuple(m.rotation.shape)}); the checkpoint does not match config.json")
+            m.rotation = R
         m.qweight = qw
         m.weight_scale = ws.float()
         if static:

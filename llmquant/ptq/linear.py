@@ -7,10 +7,14 @@ buffer              shape       dtype      meaning
 ``weight_scale``    ``[N]``     float32    ``max_k |W[n, k]| / 127``
 ``input_scale``     ``[]``      float32    static only: the calibrated activation step
 ``bias``            ``[N]``     float      the layer's bias (optional)
+``rotation``        ``[m, m]``  float32    optional: factor ``M`` of the input rotation
+                                           ``R = M (x) H_P`` (:mod:`llmquant.ptq.rotation`);
+                                           ``qweight`` then quantizes ``W R^T``
 ==================  ==========  =========  ==============================================
 
 Forward for ``x [..., K]`` (``T`` = number of tokens)::
 
+    x        = R x                               # only with a rotation
     q_x, s_x = quantize_per_token(x)             # dynamic: s_x [T, 1];  static: s_x = input_scale
     acc      = q_x @ qweight.T                   # [T, N] int32  (torch._int_mm, or the float path)
     y        = acc * s_x * weight_scale + bias   # [T, N] float
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmquant.core.quantizers import quantize_per_token
+from llmquant.ptq.rotation import rotate, rotation_factor
 
 BACKENDS = ("auto", "int_mm", "float")
 QMAX = 127
@@ -67,7 +72,7 @@ def quantize_weight(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class W8A8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, static: bool = False,
-                 backend: str = "auto", dtype: torch.dtype = torch.float32, device=None):
+                 backend: str = "auto", dtype: torch.dtype = torch.float32, device=None, rotated: bool = False):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
@@ -80,16 +85,27 @@ class W8A8Linear(nn.Module):
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
         else:
             self.input_scale = None
+        if rotated:
+            self.register_buffer("rotation", rotation_factor(in_features).to(device))
+        else:
+            self.rotation = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._qweight_t: torch.Tensor | None = None
 
     @classmethod
     def from_dense(cls, W: torch.Tensor, bias: torch.Tensor | None, input_scale: float | torch.Tensor | None = None,
-                   backend: str = "auto") -> "W8A8Linear":
-        """From a dense weight ``W [N, K]`` (and a calibrated activation step for static)."""
+                   backend: str = "auto", rotation: torch.Tensor | None = None) -> "W8A8Linear":
+        """From a dense weight ``W [N, K]`` (and a calibrated activation step for static; it must be
+        the step of the *rotated* input when ``rotation`` is given).
+
+        ``rotation``: the factor ``M`` of :func:`llmquant.ptq.rotation.rotate`; the layer then stores
+        ``W R^T`` and rotates its input at run time."""
         N, K = W.shape
         m = cls(K, N, bias=bias is not None, static=input_scale is not None, backend=backend,
-                dtype=bias.dtype if bias is not None else torch.float32)
+                dtype=bias.dtype if bias is not None else torch.float32, rotated=rotation is not None)
+        if rotation is not None:
+            m.rotation.copy_(rotation)
+            W = rotate(W.detach().float(), rotation)                          # W R^T  [N, K]
         q, s = quantize_weight(W)
         m.qweight.copy_(q)
         m.weight_scale.copy_(s)
@@ -115,6 +131,8 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)                                   # [T, K]
+        if self.rotation is not None:
+            x2 = rotate(x2.float(), self.rotation)                             # R x  [T, K]
         if self.static:
             s_x = self.input_scale.float()
             q = torch.clamp(torch.round(x2.float() / s_x), -QMAX, QMAX).to(torch.int8)
@@ -128,4 +146,5 @@ class W8A8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "static" if self.static else "dynamic"
-        return f"in={self.in_features}, out={self.out_features}, act={kind}, backend={self.backend}"
+        rot = ", rotated" if self.rotation is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, act={kind}, backend={self.backend}{rot}"

@@ -28,6 +28,7 @@ from llmquant.core.quantizers import error_report
 from llmquant.errors import InputError, NumericalError
 from llmquant.model.discovery import find_decoder_layers, find_linears, weight_matrix
 from llmquant.ptq.linear import BACKENDS, W8A8Linear
+from llmquant.ptq.rotation import rotate, rotation_factor
 
 Progress = Callable[[int, int], None]
 
@@ -45,6 +46,8 @@ class PTQConfig:
     backend: str = "auto"
     smooth_alpha: float | str | None = 0.5   # SmoothQuant strength in [0, 1], "search" (per group); None: off
     keep_dense: tuple[str, ...] = ()    # regexes (re.search) of layer names left in float
+    rotate: tuple[str, ...] = ()        # regexes of layer names whose input is rotated (llmquant.ptq.rotation)
+    smooth_rotated: bool = True         # also SmoothQuant the groups of rotated layers (before rotating)
 
     def __post_init__(self):
         if self.mode not in ("dynamic", "static"):
@@ -60,12 +63,14 @@ class PTQConfig:
         a = self.smooth_alpha
         if a is not None and a != "search" and not (isinstance(a, (int, float)) and 0 <= a <= 1):
             raise InputError(f"--smooth-alpha {a}: must be a number in [0, 1] or 'search'")
-        object.__setattr__(self, "keep_dense", tuple(self.keep_dense))
-        for pat in self.keep_dense:
-            try:
-                re.compile(pat)
-            except re.error as e:
-                raise InputError(f"--keep-dense {pat!r}: not a regular expression ({e})") from None
+        for field in ("keep_dense", "rotate"):
+            object.__setattr__(self, field, tuple(getattr(self, field)))
+            for pat in getattr(self, field):
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    flag = "--" + field.replace("_", "-")
+                    raise InputError(f"{flag} {pat!r}: not a regular expression ({e})") from None
 
     @property
     def needs_calibration(self) -> bool:
@@ -75,13 +80,21 @@ class PTQConfig:
         """The names matching a ``keep_dense`` pattern."""
         return [n for n in names if any(re.search(p, n) for p in self.keep_dense)]
 
-    def quantization_config(self, modules: list[str], kept: list[str] = ()) -> dict:
+    def rotated(self, names: list[str]) -> list[str]:
+        """The names matching a ``rotate`` pattern."""
+        return [n for n in names if any(re.search(p, n) for p in self.rotate)]
+
+    def quantization_config(self, modules: list[str], kept: list[str] = (), rotated: list[str] = ()) -> dict:
         """The ``quantization_config`` block of ``config.json``."""
         qc = {"quant_method": "llmquant_w8a8", "bits": 8, "weight": "int8 symmetric per output channel",
               "activation": "int8 symmetric per token (dynamic)" if self.mode == "dynamic"
               else "int8 symmetric per tensor (static)",
               "mode": self.mode, "modules": modules, "smooth_alpha": self.smooth_alpha,
               "kept_dense": list(kept)}
+        if rotated:
+            qc["rotated"] = list(rotated)
+            qc["rotation"] = ("input x -> R x, R = M (x) H_P (normalized Walsh-Hadamard P = largest power of 2 "
+                              "dividing K, M [K/P, K/P] orthogonal, stored as <name>.rotation); weight = W R^T")
         if self.needs_calibration:
             qc.update(nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed)
         if self.mode == "static":
@@ -110,10 +123,12 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, windows: torch.Tensor, cfg: PTQConfig, names: list[str],
-              progress: Progress | None = None, observers: tuple[str, ...] | None = None) -> dict:
+              progress: Progress | None = None, observers: tuple[str, ...] | None = None,
+              rotations: dict[str, torch.Tensor] | None = None) -> dict:
     """Run ``windows [n, seqlen]`` through the model and observe each target linear's input.
 
-    Linear layers reading the same tensor (q/k/v, gate/up) share one observer.
+    Linear layers reading the same tensor (q/k/v, gate/up) share one observer. A layer named in
+    ``rotations`` (``{name: M}``) observes its rotated input ``R x`` instead, with its own observer.
     Returns ``{name: {"scale", "threshold", "amax"}}`` for ``cfg.observer``; with ``observers``
     (several names, one calibration pass for all) ``{observer: {name: {...}}}``.
     """
@@ -126,22 +141,28 @@ def calibrate(model: nn.Module, windows: torch.Tensor, cfg: PTQConfig, names: li
         return {k: make_observer(k, bits=8, **({"percentile": cfg.percentile} if k == "percentile" else {}))
                 for k in kinds}
 
+    rotations = rotations or {}
     obs_of: dict[str, dict] = {}
     last: list = [None, None]            # (input tensor, observers) of the previous hook call
 
     def hook(name):
+        M = rotations.get(name)
+
         def fn(mod, inp):
             x = inp[0]
-            if last[0] is x:
+            if M is None and last[0] is x:
                 obs_of[name] = last[1]
                 return
             obs = obs_of.get(name)
             if obs is None:
                 obs = obs_of[name] = new()
-            x2 = x.detach().reshape(-1, x.shape[-1])
+            x2 = x.detach().reshape(-1, x.shape[-1])                        # [T, K]
+            if M is not None:
+                x2 = rotate(x2.float(), M)                                  # R x
             for o in obs.values():
                 o.update(x2)
-            last[0], last[1] = x, obs
+            if M is None:
+                last[0], last[1] = x, obs
         return fn
 
     modules = dict(model.named_modules())
@@ -186,7 +207,11 @@ def quantize_w8a8(model: nn.Module, cfg: PTQConfig, windows: torch.Tensor | None
     if cfg.smooth_alpha is not None and not smoothed:
         if windows is None:
             raise InputError("SmoothQuant needs calibration windows; pass --dataset, or --no-smooth")
-        smooth_rep = smoothing_report(smooth_model(model, windows, cfg.smooth_alpha, progress_calib, cfg.mode))
+        rot0 = {n: rotation_factor(weight_matrix(m).shape[1]) for n, m in target_linears(model).items()
+                if n in cfg.rotated([n]) and n not in cfg.kept_dense([n])}
+        skip = tuple(rot0) if not cfg.smooth_rotated else ()
+        smooth_rep = smoothing_report(smooth_model(model, windows, cfg.smooth_alpha, progress_calib, cfg.mode,
+                                                   rotations=rot0, skip=skip))
     elif smoothed is not None and smoothed is not True:
         smooth_rep = smoothed
     all_targets = target_linears(model)
@@ -195,6 +220,7 @@ def quantize_w8a8(model: nn.Module, cfg: PTQConfig, windows: torch.Tensor | None
     if not targets:
         raise InputError("--keep-dense matches every linear layer; nothing is left to quantize")
     names = list(targets)
+    rotations = {n: rotation_factor(weight_matrix(targets[n]).shape[1]) for n in cfg.rotated(names)}
     act = {}
     if cfg.mode == "static" and act_scales is not None:
         missing = [n for n in names if n not in act_scales]
@@ -204,7 +230,7 @@ def quantize_w8a8(model: nn.Module, cfg: PTQConfig, windows: torch.Tensor | None
     elif cfg.mode == "static":
         if windows is None:
             raise InputError("static W8A8 needs calibration windows; pass --dataset")
-        act = calibrate(model, windows, cfg, names, progress_calib)
+        act = calibrate(model, windows, cfg, names, progress_calib, rotations=rotations)
     t_cal = time.time() - t0
     layers = []
     for i, (name, m) in enumerate(targets.items()):
@@ -212,9 +238,11 @@ def quantize_w8a8(model: nn.Module, cfg: PTQConfig, windows: torch.Tensor | None
         if not torch.isfinite(W).all():
             raise NumericalError(f"layer {name}: the weight has inf/NaN; the model is corrupted")
         bias = m.bias if getattr(m, "bias", None) is not None else None
-        q = W8A8Linear.from_dense(W, bias, act[name]["scale"] if act else None, backend=cfg.backend)
-        err = error_report(W, q.dequantized_weight())
-        row = {"name": name, "shape": list(W.shape), "weight_sqnr_db": round(err["sqnr_db"], 2),
+        M = rotations.get(name)
+        q = W8A8Linear.from_dense(W, bias, act[name]["scale"] if act else None, backend=cfg.backend, rotation=M)
+        err = error_report(rotate(W, M) if M is not None else W, q.dequantized_weight())
+        row = {"name": name, "shape": list(W.shape), "rotated": M is not None,
+               "weight_sqnr_db": round(err["sqnr_db"], 2),
                "weight_rel_error": err["rel_error"]}
         if act:
             row.update({"act_" + k: v for k, v in act[name].items()})
@@ -223,9 +251,9 @@ def quantize_w8a8(model: nn.Module, cfg: PTQConfig, windows: torch.Tensor | None
         set_module(model, name, q.to(W.device))
         if progress_layers:
             progress_layers(i + 1, len(targets))
-    model.config.quantization_config = cfg.quantization_config(names, kept)
+    model.config.quantization_config = cfg.quantization_config(names, kept, list(rotations))
     sq = [r["weight_sqnr_db"] for r in layers if math.isfinite(r["weight_sqnr_db"])]
     return {"method": f"w8a8-{cfg.mode}", "config": asdict(cfg), "n_layers": len(layers),
-            "kept_dense": kept, "smoothing": smooth_rep,
+            "kept_dense": kept, "rotated": list(rotations), "smoothing": smooth_rep,
             "calibration_seconds": round(t_cal, 2), "seconds": round(time.time() - t0, 2),
             "mean_weight_sqnr_db": round(sum(sq) / len(sq), 2) if sq else None, "layers": layers}

@@ -27,6 +27,7 @@ from torch import nn
 from llmquant.core.quantizers import quantize_per_token
 from llmquant.core.smooth import pool_by_map, smoothing_factors, weight_column_amax
 from llmquant.errors import InputError
+from llmquant.ptq.rotation import rotate
 from llmquant.model.discovery import (
     LINEAR_TYPES, find_decoder_layers, find_linears, set_weight_matrix, trace_groups, weight_matrix,
 )
@@ -281,21 +282,27 @@ def _fq_rows(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def w8a8_error(X: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, act_amax: torch.Tensor,
-               mode: str) -> float:
+               mode: str, rotation: torch.Tensor | None = None) -> float:
     """Relative output error of W8A8 on sample rows ``X [R, K]`` after smoothing by ``s [K]``.
 
     Weights per output channel; activations per token (``dynamic``) or with the per-tensor min-max
-    step of the whole calibration set ``max(act_amax / s) / 127`` (``static``)."""
+    step of the whole calibration set ``max(act_amax / s) / 127`` (``static``). With ``rotation``
+    (factor ``M`` of :func:`llmquant.ptq.rotation.rotate`) the layer quantizes ``R x / s`` and
+    ``(W s) R^T``; the static step is then the min-max of the rotated sample rows."""
     Xs = X / s
+    if rotation is not None:
+        Xs = rotate(Xs, rotation)                                                 # R (x / s)
     if mode == "static":
-        step = float((act_amax / s).max()) / 127
+        amax = float(Xs.abs().max()) if rotation is not None else float((act_amax / s).max())
+        step = amax / 127
         Xq = torch.clamp(torch.round(Xs / step), -127, 127) * step
     else:
         Xq = _fq_rows(Xs)
     num = den = 0.0
     for W in weights:
         ref = X @ W.t()
-        out = Xq @ _fq_rows(W * s).t()
+        Ws = W * s if rotation is None else rotate(W * s, rotation)
+        out = Xq @ _fq_rows(Ws).t()
         num += float((out - ref).pow(2).sum())
         den += float(ref.pow(2).sum())
     return (num / max(den, 1e-30)) ** 0.5
@@ -304,12 +311,17 @@ def w8a8_error(X: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, ac
 @torch.no_grad()
 def smooth_model(model: nn.Module, windows: torch.Tensor, alpha: float | str,
                  progress: Progress | None = None, mode: str = "dynamic",
-                 grid: tuple[float, ...] = ALPHA_GRID, sample_rows: int = 64) -> list[SmoothGroup]:
+                 grid: tuple[float, ...] = ALPHA_GRID, sample_rows: int = 64,
+                 rotations: dict[str, torch.Tensor] | None = None, skip: tuple[str, ...] = ()) -> list[SmoothGroup]:
     """SmoothQuant every smoothable linear group of the decoder in place (outputs unchanged in exact
     arithmetic); returns the groups with qualified names, smoothed or with the reason they are not.
 
     ``alpha="search"``: per group, the alpha of ``grid`` with the smallest W8A8 output error
-    (:func:`w8a8_error` for ``mode``) on ``sample_rows`` kept token rows per calibration window."""
+    (:func:`w8a8_error` for ``mode``) on ``sample_rows`` kept token rows per calibration window.
+    A group whose first layer is in ``rotations`` (``{name: M}``, its input rotated after smoothing)
+    is searched with that rotation, and "no smoothing" is a candidate too. Groups with a layer named in
+    ``skip`` are left unsmoothed."""
+    rotations = rotations or {}
     search = alpha == "search"
     if not search and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
         raise InputError(f"--smooth-alpha {alpha}: must be in [0, 1] or 'search'")
@@ -322,6 +334,8 @@ def smooth_model(model: nn.Module, windows: torch.Tensor, alpha: float | str,
             raise InputError(f"decoder layer {i} never ran; cannot trace it for smoothing")
         for g in find_smooth_groups(layer, *blocks[i]):
             g.names = [f"{prefix}.{i}.{n}" for n in g.names]
+            if g.producer is not None and any(n in skip for n in g.names):
+                g.producer, g.reason = None, "skipped: rotated instead"
             if g.producer is not None:
                 g.producer = f"{prefix}.{i}.{g.producer}"
             plan.append(g)
@@ -343,9 +357,15 @@ def smooth_model(model: nn.Module, windows: torch.Tensor, alpha: float | str,
         if search:
             X = torch.cat(samples.pop(g.names[0]))                                 # [R, K]
             Ws = [weight_matrix(mods[n]).detach().float() for n in g.names]
-            errs = {al: w8a8_error(X, Ws, factors(g, a, w, al)[1].float(), a.float(), mode) for al in grid}
+            M = rotations.get(g.names[0])
+            errs = {al: w8a8_error(X, Ws, factors(g, a, w, al)[1].float(), a.float(), mode, M) for al in grid}
+            if M is not None:                                                  # rotated: smoothing is optional
+                errs["none"] = w8a8_error(X, Ws, torch.ones_like(a).float(), a.float(), mode, M)
             al = min(errs, key=errs.get)
             g.search_error = {str(k): round(v, 6) for k, v in errs.items()}
+            if al == "none":
+                g.producer, g.reason = None, "alpha search: rotation alone is better than smoothing"
+                continue
         else:
             al = float(alpha)
         t, s = factors(g, a, w, al)
