@@ -49,27 +49,29 @@ import torch
 import torch.nn.functional as F
 
 from llmquant.core.pack import unpack_cols, unpack_rows
-from llmquant.runtime.native import decode_int4pack_native
+from llmquant.runtime.native import decode_int4pack_native, int4_decoder
 
 KERNELS = ("auto", "reference", "dequant", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
-# Rows (tokens) up to which the CPU int4 kernel beats decode-to-bf16 + matmul. Measured with
-# ``scripts/bench_runtime.py --threshold --threads 1`` on SmolLM2-135M layer shapes (AVX512-BF16
-# CPU, shared machine): the packed kernel wins up to 32-64 rows (e.g. 576x1536: 0.88 vs 1.63 ms at
-# 32 rows, 2.66 vs 2.46 ms at 64), decode + one bf16 matmul beyond (prefill of 512: ~3x faster).
+# Rows (tokens) up to which the CPU int4 kernel beats decode-to-bf16 + matmul, measured on
+# SmolLM2-135M layer shapes at 1 thread (AVX512-BF16 CPU; ``scripts/bench_runtime.py --threshold``).
+# With the C decoder the crossover is at 12-16 rows (576x1536: 0.34 vs 0.34 ms at 12 rows, 0.44
+# vs 0.37 at 16); with the torch-ops decode at 32-64 (0.88 vs 1.63 ms at 32, 2.66 vs 2.46 at 64).
 # Override with the environment variable LLMQUANT_INT4_MAX_M.
-DEFAULT_INT4_MAX_M = 32
+DEFAULT_INT4_MAX_M = 12
+DEFAULT_INT4_MAX_M_TORCH_DECODE = 32
 
 
 def int4_max_m() -> int:
+    default = DEFAULT_INT4_MAX_M if int4_decoder() is not None else DEFAULT_INT4_MAX_M_TORCH_DECODE
     v = os.environ.get("LLMQUANT_INT4_MAX_M")
     if v:
         try:
             return int(v)
         except ValueError:
-            warnings.warn(f"LLMQUANT_INT4_MAX_M={v!r} is not an integer; using {DEFAULT_INT4_MAX_M}")
-    return DEFAULT_INT4_MAX_M
+            warnings.warn(f"LLMQUANT_INT4_MAX_M={v!r} is not an integer; using {default}")
+    return default
 
 
 # ----------------------------------------------------------------------------- unpacking
