@@ -45,13 +45,15 @@ class QuantArgs:
         return qrange(self.bits)
 
 
-def fit_qparams(w: torch.Tensor, args: QuantArgs, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ``(scale, zero)`` per row of ``w [N, k]`` -> two ``[N, 1]``.
+def fit_qparams(w: torch.Tensor, args: QuantArgs, weight: torch.Tensor | None = None,
+                group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``(scale, zero)`` per row of ``w [N, k]`` -> two ``[N, 1]``; with ``group``, one per row
+    and group of ``group`` columns -> two ``[N, ceil(k / group)]`` (each group fitted on its own).
 
     ``weight [k]`` (e.g. ``diag(H)``) weighs the MSE search per column.
     """
     qmin, qmax = args.qmin_qmax
-    block = (1, -1)
+    block = (1, group or -1)
     ratio = 1.0
     if args.mse:
         ratio = mse_clip_search(w, args.bits, args.sym, block, grid=args.mse_grid,
@@ -261,8 +263,11 @@ def gptq_quantize(
     if not static and blocksize % G:
         blocksize = G * max(1, blocksize // G) if G <= blocksize else G
 
+    # Static groups are fitted here, every group in one call on all threads (the clip search is
+    # large elementwise work); only the column loop below is kept on one thread.
+    fitted = fit_qparams(W, args, hdiag, group=G) if static else None     # [N, n_groups] x 2
     with single_thread():
-        Q, Losses, scales, zeros = _gptq_blocks(W, Hinv, args, G, static, perm, col_group, hdiag, blocksize)
+        Q, Losses, scales, zeros = _gptq_blocks(W, Hinv, args, G, fitted, perm, col_group, hdiag, blocksize)
 
     g_idx = col_group.clone()
     if perm is not None:
@@ -276,16 +281,18 @@ def gptq_quantize(
     return GPTQResult(qw, Q, Losses.sum(1), damp, dead=int(dead.sum()))
 
 
-def _gptq_blocks(W, Hinv, args, G, static, perm, col_group, hdiag, blocksize):
-    """The lazy-batch block loop over ``W [n, K]`` (original column order). Returns ``Q`` (visit order),
-    ``Losses [n, K]``, ``scales``, ``zeros [n, n_groups]``."""
+def _gptq_blocks(W, Hinv, args, G, fitted, perm, col_group, hdiag, blocksize):
+    """The lazy-batch block loop over ``W [n, K]`` (original column order). ``fitted``: static group
+    parameters ``(scales, zeros)``, or ``None`` to fit each group when the loop reaches it. Returns
+    ``Q`` (visit order), ``Losses [n, K]``, ``scales``, ``zeros [n, n_groups]``."""
     N, K = W.shape
     n_groups = math.ceil(K / G)
-    scales = torch.zeros(N, n_groups, device=W.device)
-    zeros = torch.zeros(N, n_groups, device=W.device)
+    static = fitted is not None
     if static:
-        for g, g0 in enumerate(range(0, K, G)):
-            scales[:, g:g + 1], zeros[:, g:g + 1] = fit_qparams(W[:, g0:g0 + G], args, hdiag[g0:g0 + G])
+        scales, zeros = fitted[0].clone(), fitted[1].clone()
+    else:
+        scales = torch.zeros(N, n_groups, device=W.device)
+        zeros = torch.zeros(N, n_groups, device=W.device)
     if perm is not None:
         W, hdiag = W[:, perm], hdiag[perm]
     else:
