@@ -3,7 +3,7 @@
 Only the CPU int4 prefill path uses one (``csrc/int4_decode.c``: packed int4 bytes -> scaled
 bfloat16 rows in one pass, ~4x faster than the same decode in torch ops). The shared object is
 compiled once per source, compiler and CPU into ``$LLMQUANT_CACHE`` (default
-``~/.cache/llmquant/native``), written to a temp name and renamed, so concurrent first uses cannot
+``~/.cache/llmquant/native``; a per-user temp folder if that is not writable), written to a temp name and renamed, so concurrent first uses cannot
 load a half-written file. Everything is optional: no compiler, a failed build or
 ``LLMQUANT_NATIVE=0`` leaves :func:`int4_decoder` returning ``None`` and the kernels use their
 torch-ops path, which gives the same bits (tested).
@@ -59,13 +59,18 @@ def build(name: str) -> Path | None:
     except (OSError, subprocess.SubprocessError):
         return None
     key = hashlib.sha256(src + version.encode() + _cpu_key().encode()).hexdigest()[:16]
-    out = cache_dir() / f"{name}-{key}.so"
-    if out.is_file():
-        return out
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
+    for d in (cache_dir(), Path(tempfile.gettempdir()) / f"llmquant-native-{os.getuid()}"):
+        out = d / f"{name}-{key}.so"
+        if out.is_file():
+            return out
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if os.access(d, os.W_OK):
+                break
+        except OSError:
+            continue
+    else:
+        return None                                          # nowhere to write the build
     base = [cc, "-O3", "-march=native", "-shared", "-fPIC", "-std=c11", str(SRC_DIR / f"{name}.c")]
     for flags in (["-fopenmp"], []):                       # OpenMP if the compiler has it
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)

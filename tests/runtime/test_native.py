@@ -85,3 +85,13 @@ def test_bad_arguments_are_rejected():
         native.decode_int4pack_native(k.packed, k.scales_zeros.float(), 80, k.Kp, k.kgs, k.Kp)
     with pytest.raises(ValueError):
         native.decode_int4pack_native(k.packed, k.scales_zeros, 80, k.Kp, k.kgs, k.Kp + 1)
+
+
+def test_unwritable_cache_falls_back_to_a_temp_dir(tmp_path, monkeypatch):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("LLMQUANT_CACHE", str(blocker / "sub"))       # cannot be created
+    path = native.build("int4_decode")
+    assert path is not None and path.is_file() and not str(path).startswith(str(blocker))
