@@ -17,7 +17,7 @@ from llmquant.errors import InputError
 
 DEFAULT_DATASET = "c4"
 DYNAMIC_ALPHA = "search"         # SmolLM2 dynamic, 4 windows: +1.4% (search) vs +1.6% (0.5) vs +3.3% (none)
-STATIC_ROTATE = ("none",)        # set from the SmolLM2 measurement (bench_foundations --rotate)
+STATIC_ROTATE = ("down_proj",)   # SmolLM2 all-int8 static minmax, 8 windows: +1.1% rotated vs +5.3% not (dense 19.26)
 STATIC_ALPHA = "search"          # per-group search: SmolLM2 static minmax 28.6 vs 32.4 at 0.5 (4 windows)
 
 

@@ -314,7 +314,10 @@ def table(out: Path) -> None:
     def prep(d):
         a = d.get("smooth_alpha")
         kept = d.get("kept_dense") or []
+        rot = d.get("rotated") or []
         return (f"SmoothQuant alpha {a}" if a is not None else "no smoothing") + \
+            (f"; input rotated: {kept_summary(rot)}" + ("" if d.get("smooth_rotated", True) else " (not smoothed)")
+             if rot else "") + \
             (f"; kept in float: {kept_summary(kept)}" if kept else "; all linears int8")
     if dyn:
         row("W8A8 dynamic", dyn["ppl"], "<= +2%", lambda rel, p: rel <= 0.02,

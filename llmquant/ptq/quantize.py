@@ -7,7 +7,10 @@
 Before either, SmoothQuant (``smooth_alpha``, on by default; :mod:`llmquant.ptq.smooth`) moves
 activation outliers into the weights using the same calibration text; the float model's outputs
 are unchanged by it. ``keep_dense`` (regular expressions on layer names) leaves chosen layers in
-float; they are listed in the report and in ``config.json``.
+float; they are listed in the report and in ``config.json``. ``rotate`` (regular expressions on layer
+names) gives the chosen layers an online Hadamard rotation of their input
+(:mod:`llmquant.ptq.rotation`): the static step is then calibrated on ``R x`` and the weight is
+``W R^T``; it spreads the massive first-token activations of ``down_proj`` inputs over all channels.
 
 Only linear layers inside the decoder blocks are replaced (found generically by
 :mod:`llmquant.model.discovery`); embeddings and ``lm_head`` stay dense.
@@ -93,6 +96,7 @@ class PTQConfig:
               "kept_dense": list(kept)}
         if rotated:
             qc["rotated"] = list(rotated)
+            qc["smooth_rotated"] = self.smooth_rotated
             qc["rotation"] = ("input x -> R x, R = M (x) H_P (normalized Walsh-Hadamard P = largest power of 2 "
                               "dividing K, M [K/P, K/P] orthogonal, stored as <name>.rotation); weight = W R^T")
         if self.needs_calibration:
