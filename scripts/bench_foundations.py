@@ -25,10 +25,15 @@ The figures of the project note were produced one part at a time on one thread
     python scripts/bench_foundations.py --parts static --all-int8-observer '' \
         --keep-dense 'layers\.(11|28|29)\.mlp\.down_proj$' --out runs/foundations_keep3_all
 
-Static W8A8 with per-tensor activation steps: SmolLM2's MLP ``down_proj`` inputs (SwiGLU outputs) are
-heavy-tailed across tokens, which no per-channel smoothing removes; the static rows therefore keep
-the 30 ``down_proj`` layers in float (``--keep-dense``, shown in the table), and the extra
-"all int8" row gives the figure with every linear in int8.
+Static W8A8 with per-tensor activation steps: SmolLM2's MLP ``down_proj`` inputs (SwiGLU outputs) carry
+massive activations at the first token of each sequence (max |x| ~3136 vs ~10 elsewhere), which no
+per-channel smoothing removes; with every linear int8 the best observer missed +5% (minmax 21.69).
+An online Hadamard rotation of the ``down_proj`` inputs (``--rotate``, :mod:`llmquant.ptq.rotation`;
+the default of ``llmquant ptq-static``) spreads them over all channels; every linear int8, all four
+observers (the figure of the note)::
+
+    OMP_NUM_THREADS=1 python scripts/bench_foundations.py --parts static --rotate 'mlp\.down_proj$' \
+        --windows 40 --all-int8-observer '' --out runs/foundations_rot
 """
 from __future__ import annotations
 
@@ -161,6 +166,9 @@ def part_ptq(args, model, tok, ids, out: Path) -> None:
                "smoothed_groups": smooth_rep["smoothed"] if smooth_rep else 0,
                "kept_dense": cfg.kept_dense(list(target_linears(base))), "rotated": list(rotations),
                "smooth_rotated": cfg.smooth_rotated, "observers": {}, "machine": machine()}
+        if smooth_rep and rotations:                 # the alpha each rotated layer's group got (None: not smoothed)
+            res["rotated_group_alpha"] = {d["layers"][0]: d["alpha"] for d in smooth_rep["detail"]
+                                          if d["layers"][0] in rotations}
         for o in obs:
             console.rule(f"static {o}")
             m = copy.deepcopy(base)
