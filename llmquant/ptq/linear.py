@@ -116,6 +116,7 @@ class W8A8Linear(nn.Module):
         return m
 
     def dequantized_weight(self) -> torch.Tensor:
+        """``qweight * weight_scale`` ``[N, K]``: approximates ``W``, or ``W R^T`` for a rotated layer."""
         return self.qweight.float() * self.weight_scale[:, None]
 
     def _wt(self) -> torch.Tensor:
