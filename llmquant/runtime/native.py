@@ -48,6 +48,15 @@ def _compiler() -> str | None:
     return cc
 
 
+def _private(p: Path) -> bool:
+    """Owned by this user and writable by nobody else (what we load must be what we built)."""
+    try:
+        st = p.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def build(name: str) -> Path | None:
     """Compile ``csrc/<name>.c`` (cached); the ``.so`` path, or ``None`` when it cannot be built."""
     cc = _compiler()
@@ -60,17 +69,20 @@ def build(name: str) -> Path | None:
         return None
     key = hashlib.sha256(src + version.encode() + _cpu_key().encode()).hexdigest()[:16]
     for d in (cache_dir(), Path(tempfile.gettempdir()) / f"llmquant-native-{os.getuid()}"):
-        out = d / f"{name}-{key}.so"
-        if out.is_file():
-            return out
         try:
-            d.mkdir(parents=True, exist_ok=True)
-            if os.access(d, os.W_OK):
-                break
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError:
             continue
+        if not (_private(d) and os.access(d, os.W_OK)):
+            continue                                         # someone else's or shared: never load from it
+        out = d / f"{name}-{key}.so"
+        if out.is_file():
+            if _private(out):
+                return out
+            continue
+        break
     else:
-        return None                                          # nowhere to write the build
+        return None                                          # nowhere safe to write the build
     base = [cc, "-O3", "-march=native", "-shared", "-fPIC", "-std=c11", str(SRC_DIR / f"{name}.c")]
     for flags in (["-fopenmp"], []):                       # OpenMP if the compiler has it
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)

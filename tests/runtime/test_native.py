@@ -95,3 +95,17 @@ def test_unwritable_cache_falls_back_to_a_temp_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMQUANT_CACHE", str(blocker / "sub"))       # cannot be created
     path = native.build("int4_decode")
     assert path is not None and path.is_file() and not str(path).startswith(str(blocker))
+
+
+def test_a_shared_or_foreign_cache_folder_is_not_used(tmp_path, monkeypatch):
+    """A group/world-writable cache folder could hold a planted library: build elsewhere."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("LLMQUANT_CACHE", str(shared))
+    (shared / "native").mkdir()
+    (shared / "native").chmod(0o777)
+    path = native.build("int4_decode")
+    assert path is not None and not str(path).startswith(str(shared))
