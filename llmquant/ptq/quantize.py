@@ -207,17 +207,10 @@ def quantize_w8a8(model: nn.Module, cfg: PTQConfig, windows: torch.Tensor | None
     calibrating when given, and ``smoothed`` says the model was already smoothed by the caller."""
     from llmquant.ptq.smooth import smooth_model, smoothing_report
     t0 = time.time()
-    smooth_rep = None
-    if cfg.smooth_alpha is not None and not smoothed:
-        if windows is None:
-            raise InputError("SmoothQuant needs calibration windows; pass --dataset, or --no-smooth")
-        rot0 = {n: rotation_factor(weight_matrix(m).shape[1]) for n, m in target_linears(model).items()
-                if n in cfg.rotated([n]) and n not in cfg.kept_dense([n])}
-        skip = tuple(rot0) if not cfg.smooth_rotated else ()
-        smooth_rep = smoothing_report(smooth_model(model, windows, cfg.smooth_alpha, progress_calib, cfg.mode,
-                                                   rotations=rot0, skip=skip))
-    elif smoothed is not None and smoothed is not True:
-        smooth_rep = smoothed
+    smooth_now = cfg.smooth_alpha is not None and not smoothed
+    if smooth_now and windows is None:
+        raise InputError("SmoothQuant needs calibration windows; pass --dataset, or --no-smooth")
+    # Smoothing rescales weights in place, so the target modules and rotations found here stay valid.
     all_targets = target_linears(model)
     kept = cfg.kept_dense(list(all_targets))
     targets = {n: m for n, m in all_targets.items() if n not in kept}
@@ -225,6 +218,13 @@ def quantize_w8a8(model: nn.Module, cfg: PTQConfig, windows: torch.Tensor | None
         raise InputError("--keep-dense matches every linear layer; nothing is left to quantize")
     names = list(targets)
     rotations = {n: rotation_factor(weight_matrix(targets[n]).shape[1]) for n in cfg.rotated(names)}
+    smooth_rep = None
+    if smooth_now:
+        skip = tuple(rotations) if not cfg.smooth_rotated else ()
+        smooth_rep = smoothing_report(smooth_model(model, windows, cfg.smooth_alpha, progress_calib, cfg.mode,
+                                                   rotations=rotations, skip=skip))
+    elif smoothed is not None and smoothed is not True:
+        smooth_rep = smoothed
     act = {}
     if cfg.mode == "static" and act_scales is not None:
         missing = [n for n in names if n not in act_scales]
