@@ -131,7 +131,7 @@ def capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
                         if device == "cpu":
                             model(input_ids=ids.to(device), use_cache=False)
                         else:
-                            _forward_streaming(model, layers[:1], ids.to(device), device, autocast)
+                            _forward_streaming(model, layers[:1], ids.to(device), device)
                 except _Capture:
                     pass
                 finally:
@@ -154,7 +154,7 @@ def capture_layer_inputs(model: nn.Module, batches: list[torch.Tensor], device: 
     return inps, layer_kws
 
 
-def _forward_streaming(model, layers, ids, device, autocast):
+def _forward_streaming(model, layers, ids, device):
     """A full forward with each of ``layers`` moved to ``device`` only while it runs."""
     def arrive(m, args):            # hooks return None: a returned value would replace inputs/outputs
         m.to(device)

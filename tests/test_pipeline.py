@@ -240,5 +240,5 @@ def test_streaming_forward_equals_plain_forward(arch):
     ids = calib(2)
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits
-        out = _forward_streaming(model, layers, ids, "cpu", None).logits
+        out = _forward_streaming(model, layers, ids, "cpu").logits
     assert torch.equal(out, ref)

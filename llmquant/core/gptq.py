@@ -289,7 +289,7 @@ def _gptq_blocks(W, Hinv, args, G, fitted, perm, col_group, hdiag, blocksize):
     n_groups = math.ceil(K / G)
     static = fitted is not None
     if static:
-        scales, zeros = fitted[0].clone(), fitted[1].clone()
+        scales, zeros = fitted                                      # only read below
     else:
         scales = torch.zeros(N, n_groups, device=W.device)
         zeros = torch.zeros(N, n_groups, device=W.device)

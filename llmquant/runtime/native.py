@@ -44,8 +44,7 @@ def _cpu_key() -> str:
 
 
 def _compiler() -> str | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    return cc
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
 def _private(p: Path) -> bool:
@@ -85,7 +84,7 @@ def build(name: str) -> Path | None:
         return None                                          # nowhere safe to write the build
     base = [cc, "-O3", "-march=native", "-shared", "-fPIC", "-std=c11", str(SRC_DIR / f"{name}.c")]
     for flags in (["-fopenmp"], []):                       # OpenMP if the compiler has it
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=d)
         os.close(fd)
         try:
             r = subprocess.run(base + flags + ["-o", tmp], capture_output=True, text=True, timeout=300)
